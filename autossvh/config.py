@@ -1,0 +1,383 @@
+"""One typed, validated configuration per run.
+
+A config is built in this order, each step overriding the previous one:
+
+1. the dataset preset (``activitynet``, ``fcvid``, ``ucf101``, ``hmdb51``), holding the values of the released
+   configs ``configs/AutoSSVH_{act,fcv,ucf,hmdb}.py`` (REFERENCE.md §5);
+2. the recipe: ``paper`` (default: adversarial sampler, P2Set against component-voted binary centres) or
+   ``released`` (random complementary masks, prototype loss against continuous centroids, as coded upstream);
+3. a YAML file of nested sections or dotted keys;
+4. ``key=value`` overrides (``train.lr=5e-4``, ``cluster.num_cluster=[250,400,600]``).
+
+Keys keep the upstream names (``nbits``, ``max_frames``, ``mask_prob``, ``num_cluster``, ``warmup_epoch``,
+``kmeans_temperature``, ``a``, ``b``, ``tau_plus``) so results map across. Every ablation of the paper's
+Table 3 is a switch: ``sampler.grl=false`` (I), ``sampler.kind=random`` (II), ``loss.reconstruction=false``
+(VI), ``loss.view_contrastive=false`` (VII), ``loss.p2set=false`` (VIII).
+
+Where the paper and the released config disagree, the presets keep the released value (FCVID: ``a = 1.0``
+and ``num_cluster = [250, 500, 1000]``; the paper states ``a = 0.2`` and ``[250, 400, 600]``; ActivityNet:
+12/2 layers where the paper states 6/1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Recipe = Literal["paper", "released"]
+SamplerKind = Literal["adversarial", "random"]
+CenterKind = Literal["voted", "prototype"]
+
+DATASETS = ("activitynet", "fcvid", "ucf101", "hmdb51")
+RECIPES = ("paper", "released")
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not allowed; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Input features: every video has exactly ``max_frames`` frames of ``feature_size`` dims."""
+
+    feature_size: int = 4096
+    max_frames: int = 25
+    data_drop_rate: float = 0.0  # inverted dropout on the encoder input in training; applied only if > 0.01
+
+
+@dataclass
+class ModelConfig:
+    """Transformer sizes; the defaults are the released 'small' model (REFERENCE.md §3.1)."""
+
+    nbits: int = 64
+    hidden_size: int = 256
+    encoder_depth: int = 12
+    encoder_heads: int = 6
+    decoder_dim: int = 192
+    decoder_depth: int = 2
+    decoder_heads: int = 3
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class SamplerConfig:
+    """Which frames each view hides (and the decoder reconstructs).
+
+    ``adversarial``: Grade-Net scores, Gumbel top-K with a straight-through estimator, K = int(mask_prob *
+    max_frames) hidden frames per view, gradient reversal between sampler and hashing network.
+    ``random``: the released complementary random masks (REFERENCE.md §2.2).
+    """
+
+    kind: SamplerKind = "adversarial"
+    mask_prob: float = 0.5
+    grl: bool = True
+    gumbel_noise_scale: float = 10.0  # std of the extra Gaussian noise (released SampleNet); the paper's tau
+    gumbel_temperature: float = 0.5  # softmax temperature over frames (released SampleNet)
+
+
+@dataclass
+class LossConfig:
+    """L = L_FR + a * L_VC + b * L_P2Set (paper Eq. 17); each term can be switched off (Table 3)."""
+
+    reconstruction: bool = True
+    view_contrastive: bool = True
+    p2set: bool = True
+    centers: CenterKind = "voted"
+    a: float = 1.0
+    b: float = 0.2
+    temperature: float = 0.5  # debiased contrastive loss tau
+    tau_plus: float = 0.1  # debiased contrastive loss class prior
+
+
+@dataclass
+class ClusterConfig:
+    """Multi-granularity k-means on the training codes, every epoch from ``warmup_epoch`` on (REFERENCE §7.2)."""
+
+    num_cluster: list[int] = field(default_factory=lambda: [250, 400, 600])
+    warmup_epoch: int = 50
+    kmeans_temperature: float = 0.2
+    niter: int = 20
+    nredo: int = 5
+    max_points_per_centroid: int = 200
+    min_points_per_centroid: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """Adam with StepLR (``lr_step`` epochs, ``lr_gamma``) floored at ``min_lr``; seeds; evaluation cadence."""
+
+    batch_size: int = 128
+    num_epochs: int = 350
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_step: int = 20
+    lr_gamma: float = 0.9
+    min_lr: float = 1e-6
+    seed: int = 1
+    eval_every: int = 1
+    test_batch_size: int = 128
+    amp: bool = True  # bf16 autocast, used only on CUDA
+
+
+@dataclass
+class Config:
+    """A whole run's configuration."""
+
+    dataset: str = "ucf101"
+    recipe: Recipe = "paper"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def num_hidden(self) -> int:
+        """Frames each view hides: int(mask_prob * max_frames), as the released mask generator truncates."""
+        return int(self.sampler.mask_prob * self.data.max_frames)
+
+    @property
+    def num_visible(self) -> int:
+        return self.data.max_frames - self.num_hidden
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to values, e.g. ``{"train.lr": 1e-4, ...}`` (for logging as params)."""
+        return _flatten(self.to_dict())
+
+    def validate(self) -> Config:
+        _validate(self)
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "activitynet": {
+        "data.feature_size": 2048, "data.max_frames": 30, "data.data_drop_rate": 0.2,
+        "model.nbits": 64, "sampler.mask_prob": 0.5,
+        "loss.a": 0.2, "loss.b": 0.01, "loss.temperature": 0.5, "loss.tau_plus": 0.05,
+        "cluster.num_cluster": [250, 400, 600], "cluster.warmup_epoch": 100, "cluster.kmeans_temperature": 0.2,
+        "train.batch_size": 128, "train.num_epochs": 800, "train.min_lr": 1e-6, "train.eval_every": 1,
+    },
+    "fcvid": {
+        "data.feature_size": 4096, "data.max_frames": 25, "data.data_drop_rate": 0.0,
+        "model.nbits": 64, "sampler.mask_prob": 0.75,
+        "loss.a": 1.0, "loss.b": 0.01, "loss.temperature": 0.5, "loss.tau_plus": 0.1,
+        "cluster.num_cluster": [250, 500, 1000], "cluster.warmup_epoch": 100, "cluster.kmeans_temperature": 0.2,
+        "train.batch_size": 512, "train.num_epochs": 805, "train.min_lr": 1e-5, "train.eval_every": 10,
+    },
+    "ucf101": {
+        "data.feature_size": 4096, "data.max_frames": 25, "data.data_drop_rate": 0.0,
+        "model.nbits": 64, "sampler.mask_prob": 0.5,
+        "loss.a": 1.0, "loss.b": 0.2, "loss.temperature": 0.5, "loss.tau_plus": 0.1,
+        "cluster.num_cluster": [250, 400, 600], "cluster.warmup_epoch": 50, "cluster.kmeans_temperature": 0.2,
+        "train.batch_size": 128, "train.num_epochs": 350, "train.min_lr": 1e-6, "train.eval_every": 1,
+    },
+    "hmdb51": {
+        "data.feature_size": 4096, "data.max_frames": 25, "data.data_drop_rate": 0.0,
+        "model.nbits": 16, "sampler.mask_prob": 0.7,
+        "loss.a": 1.0, "loss.b": 0.2, "loss.temperature": 0.5, "loss.tau_plus": 0.1,
+        "cluster.num_cluster": [250, 400, 600], "cluster.warmup_epoch": 50, "cluster.kmeans_temperature": 0.2,
+        "train.batch_size": 128, "train.num_epochs": 350, "train.min_lr": 1e-6, "train.eval_every": 1,
+    },
+}
+
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "paper": {"sampler.kind": "adversarial", "loss.centers": "voted"},
+    "released": {"sampler.kind": "random", "loss.centers": "prototype"},
+}
+
+
+def build_config(
+    dataset: str | None = None,
+    recipe: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+) -> Config:
+    """Preset, then recipe, then YAML file, then ``key=value`` overrides; validated.
+
+    ``dataset`` and ``recipe`` may also come from the YAML file or the overrides, which take precedence
+    over the arguments.
+    """
+    updates: dict[str, Any] = {}
+    if config_file is not None:
+        updates.update(load_yaml(config_file))
+    updates.update(parse_overrides(overrides))
+    dataset = updates.pop("dataset", dataset) or "ucf101"
+    recipe = updates.pop("recipe", recipe) or "paper"
+    if dataset not in DATASETS:
+        raise ConfigError(f"dataset: unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}")
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe: unknown recipe {recipe!r}; allowed: {', '.join(RECIPES)}")
+    cfg = Config(dataset=dataset, recipe=recipe)
+    for values in (PRESETS[dataset], RECIPE_DEFAULTS[recipe], updates):
+        for key, value in values.items():
+            set_value(cfg, key, value)
+    return cfg.validate()
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file of nested sections and/or dotted keys into dotted keys."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"config file {path}: cannot read ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}: not valid YAML ({err})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return _flatten(data)
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """``["train.lr=5e-4", "loss.p2set=false"]`` → dotted keys to values parsed as YAML scalars/lists."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=5e-4")
+        try:
+            parsed[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key.strip()}: cannot parse value {text!r} ({err})") from err
+    return parsed
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key, checking that it exists and coercing the value to the declared type."""
+    section_name, _, name = key.rpartition(".")
+    target: Any = cfg
+    if section_name:
+        if section_name not in _sections():
+            raise ConfigError(f"{key}: unknown section {section_name!r}; allowed: {', '.join(_sections())}")
+        target = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(target))
+    allowed = [f.name for f in dataclasses.fields(target) if not _is_section(hints[f.name])]
+    if name not in allowed:
+        where = f"section {section_name!r}" if section_name else "the top level"
+        raise ConfigError(f"{key}: unknown key in {where}; allowed: {', '.join(allowed)}")
+    setattr(target, name, _coerce(key, value, hints[name]))
+
+
+def _sections() -> list[str]:
+    hints = typing.get_type_hints(Config)
+    return [f.name for f in dataclasses.fields(Config) if _is_section(hints[f.name])]
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def _validate(cfg: Config) -> None:
+    d, m, s, lo, c, t = cfg.data, cfg.model, cfg.sampler, cfg.loss, cfg.cluster, cfg.train
+    _require(d.feature_size >= 1, "data.feature_size", "must be >= 1", d.feature_size)
+    _require(d.max_frames >= 2, "data.max_frames", "must be >= 2", d.max_frames)
+    _require(0.0 <= d.data_drop_rate < 1.0, "data.data_drop_rate", "must be in [0, 1)", d.data_drop_rate)
+    _require(m.nbits > 0 and m.nbits % 8 == 0, "model.nbits", "must be a positive multiple of 8", m.nbits)
+    for key in ("hidden_size", "encoder_depth", "encoder_heads", "decoder_dim", "decoder_depth", "decoder_heads"):
+        _require(getattr(m, key) >= 1, f"model.{key}", "must be >= 1", getattr(m, key))
+    _require(m.encoder_heads <= m.hidden_size, "model.encoder_heads", "must be <= model.hidden_size",
+             m.encoder_heads)
+    _require(m.decoder_heads <= m.decoder_dim, "model.decoder_heads", "must be <= model.decoder_dim",
+             m.decoder_heads)
+    _require(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0", m.mlp_ratio)
+    _require(0.0 < s.mask_prob < 1.0, "sampler.mask_prob", "must be strictly between 0 and 1", s.mask_prob)
+    k = cfg.num_hidden
+    _require(1 <= k < d.max_frames, "sampler.mask_prob",
+             f"hides K = int(mask_prob * max_frames) = {k} frames; K must be >= 1 and smaller than "
+             f"data.max_frames = {d.max_frames}", s.mask_prob)
+    _require(s.gumbel_noise_scale >= 0, "sampler.gumbel_noise_scale", "must be >= 0", s.gumbel_noise_scale)
+    _require(s.gumbel_temperature > 0, "sampler.gumbel_temperature", "must be > 0", s.gumbel_temperature)
+    _require(lo.reconstruction or lo.view_contrastive or lo.p2set, "loss",
+             "at least one of reconstruction, view_contrastive, p2set must be on", "all off")
+    _require(lo.a >= 0, "loss.a", "must be >= 0", lo.a)
+    _require(lo.b >= 0, "loss.b", "must be >= 0", lo.b)
+    _require(lo.temperature > 0, "loss.temperature", "must be > 0", lo.temperature)
+    _require(0 <= lo.tau_plus < 1, "loss.tau_plus", "must be in [0, 1)", lo.tau_plus)
+    _require(len(c.num_cluster) >= 1 and all(n >= 2 for n in c.num_cluster), "cluster.num_cluster",
+             "must be a non-empty list of integers >= 2", c.num_cluster)
+    _require(c.warmup_epoch >= 0, "cluster.warmup_epoch", "must be >= 0", c.warmup_epoch)
+    _require(c.kmeans_temperature > 0, "cluster.kmeans_temperature", "must be > 0", c.kmeans_temperature)
+    _require(c.niter >= 1, "cluster.niter", "must be >= 1", c.niter)
+    _require(c.nredo >= 1, "cluster.nredo", "must be >= 1", c.nredo)
+    _require(c.max_points_per_centroid >= 1, "cluster.max_points_per_centroid", "must be >= 1",
+             c.max_points_per_centroid)
+    _require(c.min_points_per_centroid >= 1, "cluster.min_points_per_centroid", "must be >= 1",
+             c.min_points_per_centroid)
+    _require(t.batch_size >= 2, "train.batch_size", "must be >= 2 (the contrastive loss needs negatives)",
+             t.batch_size)
+    _require(t.num_epochs >= 1, "train.num_epochs", "must be >= 1", t.num_epochs)
+    _require(t.lr > 0, "train.lr", "must be > 0", t.lr)
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
+    _require(t.lr_step >= 1, "train.lr_step", "must be >= 1", t.lr_step)
+    _require(0 < t.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]", t.lr_gamma)
+    _require(0 <= t.min_lr <= t.lr, "train.min_lr", "must be in [0, train.lr]", t.min_lr)
+    _require(t.eval_every >= 1, "train.eval_every", "must be >= 1", t.eval_every)
+    _require(t.test_batch_size >= 1, "train.test_batch_size", "must be >= 1", t.test_batch_size)

@@ -1,0 +1,215 @@
+"""The one-epoch engine that every trainer reuses: optimiser, schedule, ``train_one_epoch``, ``encode``,
+clustering round, retrieval evaluation, and model save/load as state dicts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from autossvh.clustering import ClusteringResult, cluster_codes
+from autossvh.config import Config, build_config, set_value
+from autossvh.losses import ClusterTargets, autossvh_loss
+from autossvh.metrics import gmap_l2, map_at_k, precision_recall_by_radius
+from autossvh.model import AutoSSVH, video_codes
+
+log = logging.getLogger(__name__)
+
+Batch = Tensor | tuple[Tensor, Tensor] | list[Tensor]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """StepLR (``lr_step`` epochs, ``lr_gamma``) floored at ``min_lr``; stepped once per epoch."""
+    t = cfg.train
+    floor = t.min_lr / t.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: max(t.lr_gamma ** (e // t.lr_step), floor))
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when enabled; a no-op elsewhere (CPU runs stay fp32)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    rec: float
+    vc: float
+    p2set: float
+    steps: int
+    skipped_steps: int  # steps whose loss was not finite (no update)
+    videos: int
+    seconds: float
+
+    @property
+    def videos_per_s(self) -> float:
+        return self.videos / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(
+    model: AutoSSVH,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    device: torch.device,
+    targets: ClusterTargets | None = None,
+) -> EpochStats:
+    """One pass over ``(features (B, T, F), video index (B,))`` batches with one Adam step per batch.
+
+    ``targets`` holds this epoch's clustering (None before warm-up: no P2Set term). A batch whose loss is not
+    finite is skipped (no update) and counted.
+    """
+    model.train()
+    sums = {"loss": 0.0, "rec": 0.0, "vc": 0.0, "p2set": 0.0}
+    steps = skipped = videos = 0
+    start = time.perf_counter()
+    for feats, index in batches:
+        feats = feats.to(device, non_blocking=True).float()
+        index = index.to(device, non_blocking=True).long()
+        with autocast(device, cfg.train.amp):
+            out = model(feats)
+        loss, parts = autossvh_loss(out, index, cfg, targets)
+        if not torch.isfinite(loss):
+            skipped += 1
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            optimizer.step()
+        steps += 1
+        videos += feats.shape[0]
+        sums["loss"] += float(loss.detach())
+        for key, value in parts.items():
+            sums[key] += float(value)
+    seconds = time.perf_counter() - start
+    mean = {key: value / max(steps, 1) for key, value in sums.items()}
+    return EpochStats(**mean, steps=steps, skipped_steps=skipped, videos=videos, seconds=seconds)
+
+
+@dataclass
+class Encoded:
+    """Codes of a set of videos in input order: retrieval codes (N, nbits) int8 in {-1, 0, +1} and the
+    L2-normalised mean codes (N, nbits) float32 that k-means clusters."""
+
+    codes: np.ndarray
+    features: np.ndarray
+
+
+def _features_of(batch: Batch) -> Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def encode(model: AutoSSVH, batches: Iterable[Batch], device: torch.device | None = None) -> Encoded:
+    """Eval-mode codes of all frames: sign of the mean of the per-frame binary codes (REFERENCE §3.4).
+
+    ``batches`` yields feature tensors (B, T, F) or tuples whose first item is one."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    codes, features = [], []
+    for batch in batches:
+        feats = _features_of(batch).to(device, non_blocking=True).float()
+        with autocast(device, model.cfg.train.amp):
+            frame_codes = model.encode_frames(feats)
+        code, feature = video_codes(frame_codes.float())
+        codes.append(code.to(torch.int8).cpu())
+        features.append(feature.cpu())
+    model.train(was_training)
+    nbits = model.cfg.model.nbits
+    if not codes:
+        return Encoded(np.zeros((0, nbits), np.int8), np.zeros((0, nbits), np.float32))
+    return Encoded(torch.cat(codes).numpy(), torch.cat(features).numpy())
+
+
+def array_batches(feats: np.ndarray, batch_size: int) -> Iterator[Tensor]:
+    """Sequential, ordered (B, T, F) float32 tensors over an in-memory array (evaluation reading)."""
+    for start in range(0, len(feats), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(feats[start:start + batch_size], dtype=np.float32))
+
+
+def clustering_round(model: AutoSSVH, train_batches: Iterable[Batch], cfg: Config,
+                     device: torch.device) -> tuple[ClusteringResult, float]:
+    """Encode the training set and cluster it; returns the result and the seconds it took."""
+    start = time.perf_counter()
+    encoded = encode(model, train_batches, device)
+    result = cluster_codes(encoded.features, encoded.codes, cfg.cluster, use_gpu=device.type == "cuda")
+    return result, time.perf_counter() - start
+
+
+@dataclass
+class Retrieval:
+    """mAP@K, GMAP (L2) and, when asked for, precision/recall at every Hamming radius 0..nbits."""
+
+    map_at_k: dict[int, float]
+    gmap_l2: float
+    pr_by_radius: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def table(self, title: str = "") -> str:
+        """The mAP@K table as the published tables print it, plus the GMAP (L2 norm of the row)."""
+        ks = sorted(self.map_at_k)
+        header = " | ".join([*(f"{'mAP@' + str(k):>8}" for k in ks), "GMAP(L2)"])
+        row = " | ".join([*(f"{self.map_at_k[k]:>8.4f}" for k in ks), f"{self.gmap_l2:>8.4f}"])
+        return "\n".join(line for line in (title, header, "-" * len(header), row) if line)
+
+
+def evaluate_codes(query_codes: np.ndarray, query_labels: np.ndarray, db_codes: np.ndarray, db_labels: np.ndarray,
+                   with_pr: bool = False) -> Retrieval:
+    maps = map_at_k(query_codes, db_codes, query_labels, db_labels)
+    pr = precision_recall_by_radius(query_codes, db_codes, query_labels, db_labels) if with_pr else None
+    return Retrieval(maps, gmap_l2(maps), pr)
+
+
+def should_cluster(cfg: Config, epoch: int) -> bool:
+    """Clustering runs at the start of every epoch from ``warmup_epoch`` on, if P2Set is on (REFERENCE §7.1)."""
+    return cfg.loss.p2set and epoch >= cfg.cluster.warmup_epoch
+
+
+def save_model(path: str | Path, model: AutoSSVH) -> None:
+    """State dict plus the config that built the model, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"config": model.cfg.to_dict(), "model": model.state_dict()}, tmp)
+    tmp.replace(path)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a validated :class:`Config` from :meth:`Config.to_dict` output."""
+    cfg = build_config(data["dataset"], data["recipe"])
+    for section, values in data.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                set_value(cfg, f"{section}.{key}", value)
+    return cfg.validate()
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> AutoSSVH:
+    """Load a model saved by :func:`save_model`; ``torch.load(weights_only=True)`` refuses pickled code."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise ValueError(f"{path}: not an AutoSSVH model file (expected keys 'config' and 'model')")
+    model = AutoSSVH(config_from_dict(state["config"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
+def seconds_to_text(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"

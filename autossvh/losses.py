@@ -1,0 +1,132 @@
+"""AutoSSVH losses: L = L_FR + a * L_VC + b * L_P2Set (paper Eq. 17), each term switchable.
+
+* Frame reconstruction (REFERENCE §6.2): MSE on the hidden frames of each view, summed over the two views.
+  With the adversarial sampler each hidden frame's error is weighted by its selection (value 1, gradient to
+  the sampler), so the sampler is pushed towards frames that are hard to reconstruct.
+* View contrastive (§6.3): the debiased contrastive loss of Chuang et al. with ``tau_plus`` on the two views'
+  L2-normalised codes.
+* P2Set (§6.4-6.6), from the first post-warm-up clustering on; averaged over granularities and views:
+  - ``centers = "voted"`` (paper): each view's code is pulled towards its cluster's component-voted binary
+    centre c (bitwise majority of the members' codes) against every other centre of that granularity:
+    cross-entropy over cos(z, c) / kmeans_temperature, c normalised by sqrt(nbits). This is the paper's
+    deviation-free reading of Eq. 16 with one global temperature; the released code has no vote.
+  - ``centers = "prototype"`` (released): PCL's ProtoNCE against the L2-normalised continuous centroids with
+    per-cluster density temperatures; B positives (with duplicates) plus min(B, #other clusters) sampled
+    negative prototypes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from autossvh.clustering import ClusteringResult
+from autossvh.config import Config
+from autossvh.model import TrainOutput
+
+
+@dataclass
+class ClusterTargets:
+    """A clustering result as tensors on the training device, built once per epoch."""
+
+    im2cluster: list[Tensor]
+    centers: list[Tensor]  # voted +-1 centres, float
+    centroids: list[Tensor]
+    density: list[Tensor]
+
+    @classmethod
+    def from_result(cls, result: ClusteringResult, device: torch.device | str) -> ClusterTargets:
+        def to(arrays: list[np.ndarray], dtype: torch.dtype) -> list[Tensor]:
+            return [torch.as_tensor(a).to(device=device, dtype=dtype) for a in arrays]
+
+        return cls(
+            im2cluster=to(result.im2cluster, torch.long),
+            centers=to(result.centers, torch.float32),
+            centroids=to(result.centroids, torch.float32),
+            density=to(result.density, torch.float32),
+        )
+
+
+def reconstruction_loss(recon: Tensor, target: Tensor, frame_weight: Tensor | None) -> Tensor:
+    """Sum over the two views of the MSE over (B, n_hidden, F); rows are view-major (2B, ...)."""
+    err = (recon.float() - target.float()).pow(2).mean(dim=-1)
+    if frame_weight is not None:
+        err = err * frame_weight
+    return err.view(2, -1).mean(dim=1).sum()
+
+
+def debiased_contrastive_loss(z1: Tensor, z2: Tensor, temperature: float, tau_plus: float) -> Tensor:
+    """Debiased contrastive loss (Chuang et al. 2020) between two views (B, d) of the same B videos.
+
+    For each of the 2B rows r with partner r': pos = exp(o_r.o_r'/t), neg = sum over the 2B-2 other rows of
+    exp(o_r.o_k/t), Ng = max((neg - tau_plus*N*pos) / (1 - tau_plus), N*exp(-1/t)) with N = 2B-2,
+    loss = mean(-log(pos / (pos + Ng))).
+    """
+    b = z1.shape[0]
+    if b < 2:
+        raise ValueError(f"debiased contrastive loss needs at least 2 videos in the batch, got {b}")
+    o = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
+    sim = torch.exp(o @ o.T / temperature)
+    idx = torch.arange(2 * b, device=o.device)
+    partner = (idx + b) % (2 * b)
+    pos = sim[idx, partner]
+    keep = torch.ones_like(sim, dtype=torch.bool)
+    keep[idx, idx] = False
+    keep[idx, partner] = False
+    neg = (sim * keep).sum(dim=1)
+    n = 2 * b - 2
+    ng = torch.clamp((neg - tau_plus * n * pos) / (1.0 - tau_plus), min=n * math.exp(-1.0 / temperature))
+    return -torch.log(pos / (pos + ng)).mean()
+
+
+def voted_p2set_loss(codes: Tensor, index: Tensor, targets: ClusterTargets, temperature: float) -> Tensor:
+    """Point-to-set loss against component-voted binary centres for one view's codes (B, nbits)."""
+    z = F.normalize(codes.float(), dim=-1)
+    losses = []
+    for im2cluster, centers in zip(targets.im2cluster, targets.centers, strict=True):
+        logits = z @ (centers / math.sqrt(centers.shape[1])).T / temperature
+        losses.append(F.cross_entropy(logits, im2cluster[index]))
+    return torch.stack(losses).mean()
+
+
+def prototype_loss(codes: Tensor, index: Tensor, targets: ClusterTargets) -> Tensor:
+    """The released PCL ProtoNCE loss for one view's codes (B, nbits) (REFERENCE §6.5)."""
+    z = F.normalize(codes.float(), dim=-1)
+    b = z.shape[0]
+    losses = []
+    for im2cluster, centroids, density in zip(targets.im2cluster, targets.centroids, targets.density, strict=True):
+        pos = im2cluster[index]
+        candidates = torch.ones(int(im2cluster.max()) + 1, dtype=torch.bool, device=z.device)
+        candidates[pos] = False
+        candidates = candidates.nonzero().squeeze(1)
+        r = min(b, candidates.numel())
+        neg = candidates[torch.randperm(candidates.numel(), device=z.device)[:r]]
+        cols = torch.cat([pos, neg])
+        logits = z @ centroids[cols].T / density[cols]
+        losses.append(F.cross_entropy(logits, torch.arange(b, device=z.device)))
+    return torch.stack(losses).mean()
+
+
+def autossvh_loss(
+    out: TrainOutput, index: Tensor, cfg: Config, targets: ClusterTargets | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss and its detached parts (``rec``, ``vc``, ``p2set``) for one training forward."""
+    lo = cfg.loss
+    zero = out.codes.new_zeros(())
+    z1, z2 = out.codes.chunk(2)
+    rec = reconstruction_loss(out.recon, out.target, out.frame_weight) if lo.reconstruction else zero
+    vc = debiased_contrastive_loss(z1, z2, lo.temperature, lo.tau_plus) if lo.view_contrastive else zero
+    p2set = zero
+    if lo.p2set and targets is not None:
+        if lo.centers == "voted":
+            temp = cfg.cluster.kmeans_temperature
+            p2set = (voted_p2set_loss(z1, index, targets, temp) + voted_p2set_loss(z2, index, targets, temp)) / 2
+        else:
+            p2set = (prototype_loss(z1, index, targets) + prototype_loss(z2, index, targets)) / 2
+    total = rec + lo.a * vc + lo.b * p2set
+    return total, {"rec": rec.detach(), "vc": vc.detach(), "p2set": p2set.detach()}

@@ -1,0 +1,290 @@
+"""AutoSSVH: Transformer encoder/decoder over per-frame features, binary hash layer, adversarial frame sampler.
+
+Sizes and layout follow the released 'small' model (REFERENCE.md §3): encoder 256-d, 12 blocks, 6 heads
+(head_dim 42, so the attention's inner width is 252), decoder 192-d, 2 blocks, 3 heads; pre-norm blocks with
+BEiT-style q/v biases; a fixed sinusoidal encoder position table and a learnable, zero-initialised decoder
+position table; Xavier-uniform init inside encoder and decoder, PyTorch defaults for the hash layer.
+
+A training forward builds two views of every video and runs them through the encoder as ONE batch of 2B
+sequences (view-major: rows 0..B-1 are view 1, rows B..2B-1 view 2):
+
+* ``sampler.kind = "adversarial"`` (paper §3.2, §3.6): Grade-Net scores each frame; two Gumbel draws on the
+  same scores give two views; the top-K frames of each draw are HIDDEN (masked, reconstructed). The forward
+  value of the selection is exactly multi-hot; its backward is the Gumbel-softmax gradient (straight-through
+  estimator). A gradient reversal layer sits between sampler and hashing network, so one backward pass
+  descends the hashing network and ascends the sampler. The selection reaches the loss on two paths:
+  visible tokens are scaled by (1 - selection) (value 1) and each hidden frame's reconstruction error by the
+  selection (value 1), so the sampler learns to hide frames that are hard to reconstruct and views that are
+  hard to match. Grade-Net reads the embedded frames detached, so the sampler's and the hashing network's
+  parameters are disjoint (paper Eq. 18).
+* ``sampler.kind = "random"``: the released complementary random masks (REFERENCE.md §2.2).
+
+The decoder receives the true frame positions of visible and hidden frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autossvh.config import Config
+
+
+def sinusoid_table(length: int, dim: int) -> Tensor:
+    """The fixed 'Attention is all you need' position table (length, dim): sin on even, cos on odd dims."""
+    position = torch.arange(length, dtype=torch.float64)[:, None]
+    exponent = 2 * (torch.arange(dim) // 2).to(torch.float64) / dim
+    angle = position / torch.pow(10000.0, exponent)[None, :]
+    table = torch.where(torch.arange(dim) % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.to(torch.float32)
+
+
+def trunc_normal_(tensor: Tensor, std: float) -> Tensor:
+    """Normal(0, std) truncated at +-std, the released init of the mask token."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q and v biases (k bias fixed at 0), via SDPA."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        inner = self.head_dim * heads
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(inner))
+        self.v_bias = nn.Parameter(torch.zeros(inner))
+        self.proj = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x)) with exact GELU."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GradeNet(nn.Module):
+    """Per-frame score in (0, 1): sigmoid(Linear(e + LN(Linear(GELU(Linear(e)))))) (paper Eq. 1)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, e: Tensor) -> Tensor:
+        return torch.sigmoid(self.out(e + self.norm(self.fc2(F.gelu(self.fc1(e)))))).squeeze(-1)
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; gradient multiplied by -1 backward (Ganin & Lempitsky)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        return -grad
+
+
+def binarize(u: Tensor) -> Tensor:
+    """+1 where u > 0 else -1; straight-through gradient 1 on (-1, 1), 0 outside (the released hard-sigmoid/round)."""
+    hard = torch.where(u > 0, 1.0, -1.0).to(u.dtype)
+    soft = F.hardtanh(u)
+    return soft + (hard - soft).detach()
+
+
+def gumbel_topk(scores: Tensor, k: int, noise_scale: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """Gumbel top-K with a straight-through estimator over the last dim of ``scores`` (B, T).
+
+    Returns (hard, selection): ``hard`` is the multi-hot top-K (exactly k ones per row) and ``selection``
+    equals ``hard`` in value with the gradient of the Gumbel-softmax probabilities. Noise as in the released
+    SampleNet: Gumbel(0, 1) plus ``noise_scale`` * N(0, 1), standardised per video, softmax at ``temperature``.
+    """
+    uniform = torch.rand_like(scores)
+    gumbel = -torch.log(-torch.log(uniform + 1e-20) + 1e-20)
+    logits = scores + gumbel + noise_scale * torch.randn_like(scores)
+    logits = (logits - logits.mean(-1, keepdim=True)) / (logits.std(-1, keepdim=True) + 1e-6)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    hard = torch.zeros_like(probs).scatter_(-1, probs.topk(k, dim=-1).indices, 1.0)
+    return hard, hard - probs.detach() + probs
+
+
+def random_complementary_masks(batch: int, frames: int, num_hidden: int, device: torch.device) -> Tensor:
+    """The released masks (REFERENCE §2.2): one permutation per video; view 1 shows its first n_vis frames,
+    view 2 its last n_vis. Returns hidden masks (2 * batch, frames), True = hidden, view-major."""
+    num_visible = frames - num_hidden
+    order = torch.rand(batch, frames, device=device).argsort(dim=1)
+    hidden = torch.ones(2, batch, frames, dtype=torch.bool, device=device)
+    hidden[0].scatter_(1, order[:, :num_visible], False)
+    hidden[1].scatter_(1, order[:, frames - num_visible:], False)
+    return hidden.reshape(2 * batch, frames)
+
+
+@dataclass
+class TrainOutput:
+    """What the losses need from one training forward (2B rows, view-major)."""
+
+    codes: Tensor  # (2B, nbits) mean of the visible frames' binary codes, in [-1, 1]
+    recon: Tensor  # (2B, n_hidden, F) predictions of the hidden frames, temporal order
+    target: Tensor  # (2B, n_hidden, F) the raw (un-dropped) hidden frames
+    frame_weight: Tensor | None  # (2B, n_hidden) sampler selection at hidden frames (value 1), adversarial only
+    hidden: Tensor  # (2B, T) bool, True = hidden
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        m = cfg.model
+        self.embed = nn.Linear(cfg.data.feature_size, m.hidden_size)
+        self.register_buffer("pos", sinusoid_table(cfg.data.max_frames, m.hidden_size), persistent=False)
+        self.grade_net = GradeNet(m.hidden_size) if cfg.sampler.kind == "adversarial" else None
+        self.blocks = nn.Sequential(*[Block(m.hidden_size, m.encoder_heads, m.mlp_ratio)
+                                      for _ in range(m.encoder_depth)])
+        self.norm = nn.LayerNorm(m.hidden_size, eps=1e-6)
+        self.head = nn.Linear(m.hidden_size, m.hidden_size)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(tokens)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        m = cfg.model
+        self.blocks = nn.Sequential(*[Block(m.decoder_dim, m.decoder_heads, m.mlp_ratio)
+                                      for _ in range(m.decoder_depth)])
+        self.norm = nn.LayerNorm(m.decoder_dim, eps=1e-6)
+        self.head = nn.Linear(m.decoder_dim, cfg.data.feature_size)
+
+    def forward(self, tokens: Tensor, num_hidden: int) -> Tensor:
+        return self.head(self.norm(self.blocks(tokens)[:, -num_hidden:]))
+
+
+def _init_xavier(module: nn.Module) -> None:
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.xavier_uniform_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+class AutoSSVH(nn.Module):
+    """Encoder, hash layer and decoder of AutoSSVH; see the module docstring for the training forward.
+
+    Hyperparameters (``cfg.model``, ``cfg.data``, ``cfg.sampler``):
+        feature_size, max_frames: input (B, T, F) frame features.
+        nbits: code length; hidden_size / encoder_depth / encoder_heads: encoder; decoder_*: decoder.
+        data_drop_rate: inverted dropout on the input in training (targets stay un-dropped).
+        sampler.kind, mask_prob (K = int(mask_prob * T) hidden frames per view), grl, gumbel_noise_scale,
+        gumbel_temperature.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        self.encoder = Encoder(cfg)
+        self.hash = nn.Linear(m.hidden_size, m.nbits)
+        self.hash_norm = nn.LayerNorm(m.nbits)
+        self.to_decoder = nn.Linear(m.nbits, m.decoder_dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, m.decoder_dim))
+        self.decoder_pos = nn.Parameter(torch.zeros(1, cfg.data.max_frames, m.decoder_dim))
+        self.decoder = Decoder(cfg)
+        _init_xavier(self.encoder)
+        _init_xavier(self.decoder)
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def frame_codes(self, tokens: Tensor) -> Tensor:
+        """Binary (+-1) per-frame codes of embedded tokens (N, n, hidden) → (N, n, nbits)."""
+        return binarize(self.hash_norm(self.hash(self.encoder(tokens))))
+
+    @torch.no_grad()
+    def encode_frames(self, x: Tensor) -> Tensor:
+        """Per-frame binary codes over ALL frames, no sampler, no dropout: (B, T, F) → (B, T, nbits)."""
+        return self.frame_codes(self.encoder.embed(x) + self.encoder.pos)
+
+    def sample_views(self, embedded: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Hidden masks (2B, T) for the two views and, for the adversarial sampler, the STE selection (2B, T)."""
+        b, t, _ = embedded.shape
+        k = self.cfg.num_hidden
+        s = self.cfg.sampler
+        if self.encoder.grade_net is None:
+            return random_complementary_masks(b, t, k, embedded.device), None
+        scores = self.encoder.grade_net(embedded.detach()).repeat(2, 1)
+        hard, selection = gumbel_topk(scores, k, s.gumbel_noise_scale, s.gumbel_temperature)
+        if s.grl:
+            selection = GradientReversal.apply(selection)
+        return hard.bool(), selection
+
+    def decoder_tokens(self, h: Tensor, visible_idx: Tensor, hidden_idx: Tensor) -> Tensor:
+        """[codes + P_dec at the visible frames ; mask token + P_dec at the hidden frames], each group in
+        temporal order, with the true frame positions: (N, T, decoder_dim)."""
+        pos = self.decoder_pos.expand(h.shape[0], -1, -1)
+        rows = torch.arange(h.shape[0], device=h.device)[:, None]
+        return torch.cat([self.to_decoder(h) + pos[rows, visible_idx], self.mask_token + pos[rows, hidden_idx]], 1)
+
+    def forward(self, x: Tensor) -> TrainOutput:
+        """Training forward on (B, T, F) features: two views, one batched encoder pass."""
+        b, t, _ = x.shape
+        k = self.cfg.num_hidden
+        source = x
+        if self.training and self.cfg.data.data_drop_rate > 0.01:
+            source = F.dropout(x, self.cfg.data.data_drop_rate)
+        embedded = self.encoder.embed(source) + self.encoder.pos
+        hidden, selection = self.sample_views(embedded)
+        order = hidden.to(torch.uint8).argsort(dim=1, stable=True)  # visible frames first, each in time order
+        visible_idx, hidden_idx = order[:, : t - k], order[:, t - k:]
+        rows = torch.arange(2 * b, device=x.device)[:, None]
+        video = rows % b
+        tokens = embedded[video, visible_idx]
+        frame_weight = None
+        if selection is not None:
+            tokens = tokens * (1.0 - selection[rows, visible_idx]).unsqueeze(-1)
+            frame_weight = selection[rows, hidden_idx]
+        h = self.frame_codes(tokens)
+        return TrainOutput(
+            codes=h.mean(dim=1),
+            recon=self.decoder(self.decoder_tokens(h, visible_idx, hidden_idx), k),
+            target=x[video, hidden_idx],
+            frame_weight=frame_weight,
+            hidden=hidden,
+        )
+
+
+def video_codes(frame_codes: Tensor) -> tuple[Tensor, Tensor]:
+    """Retrieval codes sign(mean over frames) in {-1, 0, +1} (0 on a tie, REFERENCE §3.4) and the
+    L2-normalised mean codes that k-means clusters."""
+    mean = frame_codes.mean(dim=1)
+    return torch.sign(mean), F.normalize(mean, dim=-1)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,1 @@
+"""Distributed runtime on Ray: Train worker loop, clustering actor, MLflow tracking, Tune, local boot."""

@@ -1,0 +1,26 @@
+"""Train AutoSSVH on FCVID-shaped data and print the mAP@K table.
+
+Until the Ray job exists this runs single-process: without ``--data`` it trains a reduced FCVID preset on a
+generated FCVID-like dataset (a few minutes on 2 CPU cores).
+
+    python jobs/train_fcvid.py                              # reduced preset on generated data
+    python jobs/train_fcvid.py --epochs 20 --bits 32 --set train.lr=2e-4 --recipe released
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.single_process import add_arguments, run  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run("fcvid", parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data at rest: feature store, ingest, synthetic datasets, per-rank reader."""

@@ -1,0 +1,38 @@
+"""Shared tiny configurations and data for the tests."""
+
+import numpy as np
+import pytest
+import torch
+
+from autossvh.clustering import ClusteringResult
+from autossvh.config import Config, build_config
+
+TINY = [
+    "data.feature_size=16", "data.max_frames=8", "model.hidden_size=32", "model.encoder_depth=2",
+    "model.encoder_heads=2", "model.decoder_dim=16", "model.decoder_depth=1", "model.decoder_heads=2",
+    "model.nbits=16", "sampler.mask_prob=0.5", "train.batch_size=8", "cluster.num_cluster=[3, 5]",
+]
+
+
+def tiny_config(*overrides: str, recipe: str = "paper") -> Config:
+    return build_config("ucf101", recipe, overrides=[*TINY, *overrides])
+
+
+def random_clustering(n: int, nbits: int, sizes: list[int], seed: int = 0) -> ClusteringResult:
+    """A clustering result of the right shapes with random content (for loss/gradient tests)."""
+    rng = np.random.default_rng(seed)
+    result = ClusteringResult([], [], [], [], [])
+    for k in sizes:
+        centroids = rng.normal(size=(k, nbits)).astype(np.float32)
+        result.im2cluster.append(rng.integers(0, k, size=n))
+        result.centers.append(np.where(rng.random((k, nbits)) < 0.5, -1, 1).astype(np.int8))
+        result.centroids.append(centroids / np.linalg.norm(centroids, axis=1, keepdims=True))
+        result.density.append(rng.uniform(0.1, 0.3, size=k).astype(np.float32))
+        result.objective.append(0.0)
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)

@@ -1,0 +1,106 @@
+"""Config presets, recipes, overrides, YAML and validation errors."""
+
+import pytest
+
+from autossvh.config import DATASETS, ConfigError, build_config
+
+
+@pytest.mark.parametrize(
+    ("dataset", "frames", "dim", "mask", "batch", "a", "b", "tau_plus", "clusters", "warmup", "min_lr"),
+    [
+        ("activitynet", 30, 2048, 0.5, 128, 0.2, 0.01, 0.05, [250, 400, 600], 100, 1e-6),
+        ("fcvid", 25, 4096, 0.75, 512, 1.0, 0.01, 0.1, [250, 500, 1000], 100, 1e-5),
+        ("ucf101", 25, 4096, 0.5, 128, 1.0, 0.2, 0.1, [250, 400, 600], 50, 1e-6),
+        ("hmdb51", 25, 4096, 0.7, 128, 1.0, 0.2, 0.1, [250, 400, 600], 50, 1e-6),
+    ],
+)
+def test_presets_hold_released_values(dataset, frames, dim, mask, batch, a, b, tau_plus, clusters, warmup, min_lr):
+    cfg = build_config(dataset)
+    assert (cfg.data.max_frames, cfg.data.feature_size, cfg.sampler.mask_prob) == (frames, dim, mask)
+    assert (cfg.train.batch_size, cfg.loss.a, cfg.loss.b, cfg.loss.tau_plus) == (batch, a, b, tau_plus)
+    assert cfg.cluster.num_cluster == clusters and cfg.cluster.warmup_epoch == warmup
+    assert cfg.train.min_lr == min_lr and cfg.train.lr == 1e-4 and cfg.loss.temperature == 0.5
+    assert cfg.cluster.kmeans_temperature == 0.2
+
+
+def test_hidden_counts_match_released_masks():
+    # masked / visible per view (REFERENCE §2.2): 15/15, 18/7, 12/13, 17/8
+    expected = {"activitynet": (15, 15), "fcvid": (18, 7), "ucf101": (12, 13), "hmdb51": (17, 8)}
+    for dataset in DATASETS:
+        cfg = build_config(dataset)
+        assert (cfg.num_hidden, cfg.num_visible) == expected[dataset]
+
+
+def test_recipes_switch_sampler_and_centres():
+    paper = build_config("ucf101")
+    released = build_config("ucf101", "released")
+    assert (paper.recipe, paper.sampler.kind, paper.loss.centers) == ("paper", "adversarial", "voted")
+    assert (released.sampler.kind, released.loss.centers) == ("random", "prototype")
+
+
+def test_ablation_switches_and_overrides():
+    cfg = build_config("hmdb51", overrides=[
+        "sampler.grl=false", "sampler.kind=random", "loss.reconstruction=false", "loss.view_contrastive=false",
+        "train.lr=5e-4", "cluster.num_cluster=[10, 20]", "model.nbits=32", "recipe=released",
+    ])
+    assert cfg.recipe == "released" and cfg.sampler.grl is False and cfg.sampler.kind == "random"
+    assert not cfg.loss.reconstruction and not cfg.loss.view_contrastive and cfg.loss.p2set
+    assert cfg.train.lr == 5e-4 and cfg.cluster.num_cluster == [10, 20] and cfg.model.nbits == 32
+    assert isinstance(build_config("ucf101", overrides=["train.lr=1"]).train.lr, float)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: fcvid\ntrain:\n  lr: 2.0e-4\n  batch_size: 64\nmodel.nbits: 16\n")
+    cfg = build_config("ucf101", config_file=path, overrides=["train.batch_size=32"])
+    assert cfg.dataset == "fcvid" and cfg.train.lr == 2e-4 and cfg.train.batch_size == 32
+    assert cfg.model.nbits == 16
+
+
+def test_flat_round_trip():
+    flat = build_config("fcvid").flat()
+    assert flat["train.lr"] == 1e-4 and flat["cluster.num_cluster"] == [250, 500, 1000]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.nbits=12", "model.nbits"),
+        ("model.nbits=0", "multiple of 8"),
+        ("sampler.mask_prob=1.0", "sampler.mask_prob"),
+        ("sampler.mask_prob=0", "strictly between 0 and 1"),
+        ("sampler.mask_prob=0.02", "K must be >= 1"),
+        ("train.lr=abc", "train.lr: expected a number"),
+        ("train.batch_size=2.5", "train.batch_size: expected an integer"),
+        ("loss.p2set=yes please", "loss.p2set: expected true or false"),
+        ("train.lrr=1e-4", "train.lrr: unknown key in section 'train'; allowed: batch_size"),
+        ("optim.lr=1e-4", "unknown section 'optim'"),
+        ("sampler.kind=greedy", "sampler.kind: 'greedy' is not allowed; allowed: adversarial, random"),
+        ("cluster.num_cluster=[250, x]", "cluster.num_cluster[1]: expected an integer"),
+        ("cluster.num_cluster=[]", "cluster.num_cluster"),
+        ("train.batch_size=1", "train.batch_size"),
+        ("recipe=fast", "recipe: unknown recipe"),
+        ("dataset=kinetics", "dataset: unknown dataset"),
+        ("novalue", "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        build_config("ucf101", overrides=[override])
+    assert message in str(info.value)
+
+
+def test_k_is_at_least_one_and_below_the_frame_count():
+    cfg = build_config("ucf101", overrides=["data.max_frames=2", "sampler.mask_prob=0.99"])
+    assert (cfg.num_hidden, cfg.num_visible) == (1, 1)
+    with pytest.raises(ConfigError, match="K must be >= 1 and smaller than data.max_frames = 2"):
+        build_config("ucf101", overrides=["data.max_frames=2", "sampler.mask_prob=0.4"])
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        build_config("ucf101", config_file=path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_config("ucf101", config_file=tmp_path / "missing.yaml")

@@ -1,0 +1,310 @@
+"""Retrieval metrics: the REFERENCE.md §8.4 test vector, equality with a dense reference, PR, GMAP, plots."""
+
+import numpy as np
+import pytest
+import torch
+
+from autossvh import metrics
+from autossvh.metrics import (
+    gmap_l2,
+    hamming_ranking,
+    map_at_k,
+    plot_pr_curve,
+    precision_recall_by_radius,
+)
+
+# REFERENCE.md §8.4: nbits = 8, 6 database items, 3 queries, 3 classes.
+_DB = ["+-+++-+-", "-------+", "+----++-", "++++++--", "--+-+++-", "-+-+--++"]
+_Q = ["-+----++", "-+-+-+-+", "+-++++--"]
+_DB_LABELS = [{0}, {1}, {0}, {2}, {0, 1}, {1}]
+_Q_LABELS = [{0}, {1}, {2}]
+# Hamming distances, rows db0..db5, columns q0..q2.
+_DIST = np.array([[6, 7, 2], [2, 3, 6], [4, 5, 4], [7, 4, 1], [5, 6, 3], [1, 2, 7]], dtype=float)
+_RANKING = [[5, 1, 2, 4, 0, 3], [5, 1, 3, 2, 4, 0], [3, 0, 4, 2, 1, 5]]
+_MAP = {1: 0.6666666667, 2: 0.5, 3: 0.3703703704, 5: 0.3355555556, 6: 0.2796296296}
+
+
+def _codes(rows: list[str]) -> np.ndarray:
+    return np.array([[1 if c == "+" else -1 for c in r] for r in rows], dtype=np.float32)
+
+
+def _multi_hot(sets: list[set[int]], n_classes: int) -> np.ndarray:
+    out = np.zeros((len(sets), n_classes), dtype=np.int64)
+    for i, s in enumerate(sets):
+        out[i, sorted(s)] = 1
+    return out
+
+
+def _toy() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return _codes(_Q), _codes(_DB), _multi_hot(_Q_LABELS, 3), _multi_hot(_DB_LABELS, 3)
+
+
+def _dense_map(q, db, lq, ldb, ks) -> dict[int, float]:
+    """Straightforward reference: full distance matrix, stable argsort, the released AP@K loop."""
+    dist = 0.5 * (q.shape[1] - q.astype(np.float64) @ db.astype(np.float64).T)
+    order = np.argsort(dist, axis=1, kind="stable")
+    rel = (lq.astype(np.float64) @ ldb.astype(np.float64).T) > 0
+    out = {}
+    for k in ks:
+        aps = []
+        for row in range(q.shape[0]):
+            hits, p = 0, 0.0
+            for i in range(k):
+                if rel[row, order[row, i]]:
+                    hits += 1
+                    p += hits / (i + 1)
+            aps.append(p / k)
+        out[k] = float(np.mean(aps))
+    return out
+
+
+def _dense_pr(q, db, lq, ldb) -> tuple[np.ndarray, np.ndarray]:
+    nbits = q.shape[1]
+    dist = 0.5 * (nbits - q.astype(np.float64) @ db.astype(np.float64).T)
+    rel = (lq.astype(np.float64) @ ldb.astype(np.float64).T) > 0
+    total = rel.sum(1)
+    has = total > 0
+    prec, rec = [], []
+    for r in range(nbits + 1):
+        retrieved = dist <= r
+        n_ret = retrieved.sum(1)
+        n_hit = (retrieved & rel).sum(1)
+        prec.append(np.where(n_ret > 0, n_hit / np.maximum(n_ret, 1), 0.0).mean())
+        rec.append((n_hit[has] / total[has]).mean())
+    return np.array(prec), np.array(rec)
+
+
+def _tied_data(n_q: int, n_db: int, nbits: int, seed: int, zero_frac: float = 0.05):
+    """Codes drawn from few prototypes with few flips (many exact ties), some 0 bits, multi-hot labels."""
+    rng = np.random.default_rng(seed)
+    protos = rng.choice([-1.0, 1.0], size=(6, nbits))
+
+    def draw(n: int) -> np.ndarray:
+        c = protos[rng.integers(0, len(protos), n)] * np.where(rng.random((n, nbits)) < 0.08, -1.0, 1.0)
+        c[rng.random((n, nbits)) < zero_frac] = 0.0
+        return c.astype(np.float32)
+
+    def labels(n: int) -> np.ndarray:
+        lab = (rng.random((n, 10)) < 0.15).astype(np.int64)
+        lab[rng.random(n) < 0.05] = 0  # some items have no label at all: never relevant
+        return lab
+
+    return draw(n_q), draw(n_db), labels(n_q), labels(n_db)
+
+
+# (a) the worked example
+
+
+def test_worked_example_distances_and_ranking() -> None:
+    q, db, _, _ = _toy()
+    idx, dist = hamming_ranking(q, db, 6)
+    assert idx.tolist() == _RANKING
+    full = np.empty((6, 3))
+    for col in range(3):
+        full[idx[col], col] = dist[col]
+    np.testing.assert_array_equal(full, _DIST)
+
+
+def test_worked_example_map_table() -> None:
+    q, db, lq, ldb = _toy()
+    got = map_at_k(q, db, lq, ldb, ks=(1, 2, 3, 5, 6))
+    assert list(got) == [1, 2, 3, 5, 6]
+    for k, expected in _MAP.items():
+        assert got[k] == pytest.approx(expected, abs=1e-9)
+    assert got[5] == pytest.approx((0.28666666667 + 0.52 + 0.2) / 3, abs=1e-9)
+
+
+def test_worked_example_accepts_torch_and_bool_labels() -> None:
+    q, db, lq, ldb = _toy()
+    got = map_at_k(torch.from_numpy(q), torch.from_numpy(db), torch.from_numpy(lq).bool(), ldb.astype(float),
+                   ks=(1, 2, 3, 5, 6))
+    assert got == map_at_k(q, db, lq, ldb, ks=(1, 2, 3, 5, 6))
+
+
+# (b) fast path == dense reference
+
+_KS = (1, 5, 17, 40, 100, 333, 700)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 7, 64])
+def test_ranking_and_map_equal_dense_reference(chunk_size: int | None) -> None:
+    q, db, lq, ldb = _tied_data(300, 700, 16, seed=1)
+    dist = 0.5 * (16 - q.astype(np.float64) @ db.astype(np.float64).T)
+    order = np.argsort(dist, axis=1, kind="stable")
+    # the chosen cut-offs really cut through ties for most queries
+    for k in (5, 17, 40, 100):
+        straddle = dist[np.arange(300), order[:, k - 1]] == dist[np.arange(300), order[:, k]]
+        assert straddle.mean() > 0.5
+    assert np.any(dist % 1 == 0.5)  # 0 bits give half-integer distances
+    idx, d = hamming_ranking(q, db, 700, chunk_size=chunk_size)
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_array_equal(d, np.take_along_axis(dist, order, 1))
+    got = map_at_k(q, db, lq, ldb, ks=_KS, chunk_size=chunk_size)
+    ref = _dense_map(q, db, lq, ldb, _KS)
+    for k in _KS:
+        assert got[k] == pytest.approx(ref[k], abs=1e-12)
+
+
+def test_never_builds_a_full_query_by_database_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every distance matrix is a chunk of query rows: spy on the matmuls of both kernels."""
+    shapes: list[tuple[int, ...]] = []
+    real_mm, real_addmm = torch.mm, torch.Tensor.addmm_
+
+    def mm(a, b, **kw):
+        shapes.append((a.shape[0], b.shape[1]))
+        return real_mm(a, b, **kw)
+
+    def addmm_(self, a, b, **kw):
+        shapes.append(tuple(self.shape))
+        return real_addmm(self, a, b, **kw)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch.Tensor, "addmm_", addmm_)
+    q, db, lq, ldb = _tied_data(120, 300, 16, seed=8)
+    map_at_k(q, db, lq, ldb, ks=(5,), chunk_size=25)
+    precision_recall_by_radius(q, db, lq, ldb, chunk_size=25)
+    assert {s for s in shapes if s[1] == 300} == {(25, 300), (20, 300)}
+
+
+def test_float64_key_path_equals_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large (nbits + 1) * N_db switch the ranking key to float64; force that path on small data."""
+    monkeypatch.setattr(metrics, "_FLOAT32_EXACT", 1)
+    q, db, lq, ldb = _tied_data(50, 200, 16, seed=2)
+    dist = 0.5 * (16 - q.astype(np.float64) @ db.astype(np.float64).T)
+    idx, _ = hamming_ranking(q, db, 200, chunk_size=9)
+    np.testing.assert_array_equal(idx, np.argsort(dist, axis=1, kind="stable"))
+    ks = (3, 50, 200)
+    got, ref = map_at_k(q, db, lq, ldb, ks=ks, chunk_size=9), _dense_map(q, db, lq, ldb, ks)
+    assert got == pytest.approx(ref, abs=1e-12)
+
+
+def test_wide_labels_and_64_bits() -> None:
+    """More than 64 label columns (several packed words) and 64-bit codes."""
+    rng = np.random.default_rng(3)
+    q = rng.choice([-1.0, 1.0], (40, 64)).astype(np.float32)
+    db = np.concatenate([q, rng.choice([-1.0, 1.0], (160, 64)).astype(np.float32)])
+    lq = (rng.random((40, 239)) < 0.01).astype(np.uint8)
+    ldb = (rng.random((200, 239)) < 0.01).astype(np.uint8)
+    ldb[:40] = lq
+    ks = (1, 5, 20, 200)
+    assert map_at_k(q, db, lq, ldb, ks=ks) == pytest.approx(_dense_map(q, db, lq, ldb, ks), abs=1e-12)
+
+
+# (c) FCVID self-match
+
+
+def test_self_match_is_counted_when_queries_are_the_database() -> None:
+    rng = np.random.default_rng(4)
+    codes = rng.choice([-1, 1], (400, 32)).astype(np.int8)
+    assert len(np.unique(codes, axis=0)) == 400
+    labels = np.eye(20, dtype=bool)[rng.integers(0, 20, 400)]
+    idx, dist = hamming_ranking(codes, codes, 1)
+    np.testing.assert_array_equal(idx[:, 0], np.arange(400))
+    assert np.all(dist == 0)
+    got = map_at_k(codes, codes, labels, labels, ks=(1, 5, 100))
+    assert got[1] == 1.0
+    assert got == pytest.approx(_dense_map(codes, codes, labels, labels, (1, 5, 100)), abs=1e-12)
+
+
+def test_self_match_with_duplicate_codes_follows_index_order() -> None:
+    q, _, lq, _ = _tied_data(250, 1, 8, seed=5, zero_frac=0.0)
+    ks = (1, 10, 250)
+    assert map_at_k(q, q, lq, lq, ks=ks) == pytest.approx(_dense_map(q, q, lq, lq, ks), abs=1e-12)
+
+
+# (d) precision / recall
+
+
+@pytest.mark.parametrize(("n_q", "nbits", "chunk_size"), [(300, 16, None), (300, 16, 11), (120, 64, None)])
+def test_precision_recall_equal_dense_reference(n_q: int, nbits: int, chunk_size: int | None) -> None:
+    q, db, lq, ldb = _tied_data(n_q, 700, nbits, seed=6)
+    radii, prec, rec = precision_recall_by_radius(q, db, lq, ldb, chunk_size=chunk_size)
+    ref_prec, ref_rec = _dense_pr(q, db, lq, ldb)
+    np.testing.assert_array_equal(radii, np.arange(nbits + 1))
+    np.testing.assert_allclose(prec, ref_prec, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rec, ref_rec, rtol=0, atol=1e-12)
+    assert np.all(np.diff(rec) >= 0)
+    assert rec[-1] == pytest.approx(1.0)
+
+
+def test_precision_recall_worked_example() -> None:
+    q, db, lq, ldb = _toy()
+    _, prec, rec = precision_recall_by_radius(q, db, lq, ldb)
+    # radius 1: q0 retrieves db5 (irrelevant), q1 nothing (precision 0), q2 db3 (relevant)
+    assert prec[1] == pytest.approx((0 + 0 + 1) / 3)
+    assert rec[1] == pytest.approx((0 + 0 + 1) / 3)
+    assert prec[0] == 0.0 and rec[0] == 0.0
+
+
+def test_recall_is_nan_without_any_relevant_item() -> None:
+    q, db, _, _ = _toy()
+    lq = np.array([[1, 0], [1, 0], [1, 0]])
+    ldb = np.tile([[0, 1]], (6, 1))
+    _, prec, rec = precision_recall_by_radius(q, db, lq, ldb)
+    assert np.all(prec == 0) and np.all(np.isnan(rec))
+
+
+# (e) GMAP
+
+
+def test_gmap_l2_reproduces_published_values() -> None:
+    ucf16 = dict(zip((5, 20, 40, 60, 80, 100), (0.423, 0.343, 0.288, 0.244, 0.210, 0.184), strict=True))
+    hmdb64 = dict(zip((5, 20, 40, 60, 80, 100), (0.256, 0.175, 0.137, 0.111, 0.090, 0.076), strict=True))
+    assert gmap_l2(ucf16) == pytest.approx(0.719, abs=1e-3)
+    assert gmap_l2(hmdb64) == pytest.approx(0.376, abs=1e-3)
+    assert gmap_l2({5: 0.3, 20: 0.4}) == pytest.approx(0.5)
+
+
+# (f) plot
+
+
+def test_plot_pr_curve_writes_png(tmp_path) -> None:
+    q, db, lq, ldb = _tied_data(50, 200, 16, seed=7)
+    radii, prec, rec = precision_recall_by_radius(q, db, lq, ldb)
+    out = plot_pr_curve(radii, prec, rec, tmp_path / "sub" / "pr.png", title="toy")
+    assert out == tmp_path / "sub" / "pr.png"
+    data = out.read_bytes()
+    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# (g) bad inputs
+
+
+def _bad_cases():
+    q, db, lq, ldb = _toy()
+    two = q.copy()
+    two[0, 0] = 2
+    return [
+        ((q[:, :4], db, lq, ldb), {}, "mismatched nbits"),
+        ((q, db, lq[:2], ldb), {}, "label rows must match code rows"),
+        ((q, db, lq, ldb[:, :2]), {}, "mismatched label width"),
+        ((two, db, lq, ldb), {}, r"not in \{-1, 0, \+1\}"),
+        ((q, db, lq, ldb), {"ks": (5, 7)}, "larger than the database"),
+        ((q[:0], db, lq[:0], ldb), {}, "empty"),
+        ((q, db[:0], lq, ldb[:0]), {}, "empty"),
+        ((q[0], db, lq, ldb), {}, "2-D"),
+        ((q, db, -lq, ldb), {}, "negative"),
+        ((q, db, lq, ldb), {"ks": ()}, "ks is empty"),
+        ((q, db, lq, ldb), {"ks": (0, 1)}, "positive integer"),
+        ((q, db, lq, ldb), {"ks": (1,), "chunk_size": 0}, "chunk_size"),
+    ]
+
+
+@pytest.mark.parametrize(("args", "kwargs", "message"), _bad_cases())
+def test_map_at_k_rejects_bad_inputs(args, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        map_at_k(*args, **kwargs)
+
+
+def test_other_functions_reject_bad_inputs(tmp_path) -> None:
+    q, db, lq, ldb = _toy()
+    with pytest.raises(ValueError, match="label rows must match code rows"):
+        precision_recall_by_radius(q, db, lq, ldb[:3])
+    with pytest.raises(ValueError, match="mismatched nbits"):
+        precision_recall_by_radius(q, db[:, :6], lq, ldb)
+    with pytest.raises(ValueError, match="larger than the database"):
+        hamming_ranking(q, db, 7)
+    with pytest.raises(ValueError, match="empty"):
+        gmap_l2({})
+    with pytest.raises(ValueError, match="equally long"):
+        plot_pr_curve([0, 1], [0.5], [0.5, 1.0], tmp_path / "x.png")
