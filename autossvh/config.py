@@ -122,7 +122,7 @@ class TrainConfig:
     seed: int = 1
     eval_every: int = 1
     test_batch_size: int = 128
-    amp: bool = True  # bf16 autocast, used only on CUDA
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16)
 
 
 @dataclass

@@ -9,8 +9,9 @@ Rows:
 
 * ours, recipe ``paper`` (adversarial sampler) and ``released`` (random masks), each with P2Set off (the
   pre-warm-up epochs: no clustering result yet) and on (a random clustering of N training videos at the
-  FCVID granularities [250, 500, 1000]). Each step is one call of ``autossvh.engine.train_one_epoch`` on a
-  single batch, i.e. exactly the project's training step.
+  FCVID granularities [250, 500, 1000]), each in fp32 (``train.amp=false``) and with the default
+  ``train.amp=true`` (bf16 autocast on CUDA and on CPUs with AMX / AVX512-BF16, else fp32). Each step is one
+  call of ``autossvh.engine.train_one_epoch`` on a single batch, i.e. exactly the project's training step.
 * the released pattern, re-created here from REFERENCE.md §3, §2.2 and §6 (not copied code): two model
   forwards per step (one per view), each embedding all T frames and selecting the visible tokens with boolean
   masking, attention written out (q @ k^T * scale, softmax, @ v) with the q / zero-k / v bias concatenation,
@@ -24,7 +25,7 @@ Rows:
 The ratio columns divide each of our rows by the re-creation's pre-warm-up row and by the re-creation row of
 the same phase (P2Set off or on).
 
-Usage (repo root): python -m benchmarks.bench_train [--steps 10] [--warmup 3] [--batch 64] [--device cuda] [--amp]
+Usage (repo root): python -m benchmarks.bench_train [--steps 10] [--warmup 3] [--batch 64] [--device cuda]
 (or ``python benchmarks/bench_train.py`` once the project is installed, tools/bootstrap.sh).
 """
 
@@ -47,9 +48,10 @@ from torch import Tensor, nn
 
 from autossvh.clustering import ClusteringResult
 from autossvh.config import Config, build_config
-from autossvh.engine import build_optimizer, train_one_epoch
+from autossvh.engine import build_optimizer, cpu_has_fast_bf16, train_one_epoch
 from autossvh.losses import ClusterTargets
 from autossvh.model import AutoSSVH
+from tests.conftest import random_clustering
 
 FRAMES = 25
 FEATURES = 4096
@@ -217,12 +219,13 @@ class ReleasedModel(nn.Module):
 
 
 def negative_mask(batch: int, device: torch.device) -> Tensor:
-    """(2B, 2B) bool: False on the diagonal and at each row's partner view, True elsewhere."""
-    mask = torch.ones((batch, 2 * batch), dtype=torch.bool, device=device)
+    """(2B, 2B) bool: False on the diagonal and at each row's partner view, True elsewhere; built on the CPU
+    with a Python loop every call and then moved, as the released loss does."""
+    mask = torch.ones((batch, 2 * batch), dtype=torch.bool)
     for i in range(batch):
         mask[i, i] = False
         mask[i, i + batch] = False
-    return torch.cat((mask, mask), 0)
+    return torch.cat((mask, mask), 0).to(device)
 
 
 def released_dcl(out_1: Tensor, out_2: Tensor, temperature: float, tau_plus: float) -> Tensor:
@@ -275,12 +278,11 @@ def released_masks(batch: int, frames: int, num_mask: int, device: torch.device)
 
 
 def released_loss(model: ReleasedModel, x: Tensor, m1: Tensor, m2: Tensor, index: Tensor, cfg: Config,
-                  targets: ClusterTargets | None, amp: bool) -> Tensor:
-    """rec(view 1) + rec(view 2) + a * dcl (+ b * CVH after warm-up) with two model forwards, losses in fp32."""
+                  targets: ClusterTargets | None) -> Tensor:
+    """rec(view 1) + rec(view 2) + a * dcl (+ b * CVH after warm-up) with two fp32 model forwards."""
     b, _, f = x.shape
-    with autocast(x.device, amp):
-        rec1, h1 = model(x, m1)
-        rec2, h2 = model(x, m2)
+    rec1, h1 = model(x, m1)
+    rec2, h2 = model(x, m2)
     rec = F.mse_loss(rec1.float(), x[m1].reshape(b, -1, f)) + F.mse_loss(rec2.float(), x[m2].reshape(b, -1, f))
     z1 = F.normalize(h1.float().mean(dim=1), dim=1)
     z2 = F.normalize(h2.float().mean(dim=1), dim=1)
@@ -294,25 +296,6 @@ def released_loss(model: ReleasedModel, x: Tensor, m1: Tensor, m2: Tensor, index
 # ----------------------------------------------------------------------------------------------------------
 # Benchmark harness
 # ----------------------------------------------------------------------------------------------------------
-
-
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """bf16 autocast on CUDA when enabled; disabled otherwise."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
-def random_clustering(n: int, nbits: int, sizes: list[int], seed: int = 0) -> ClusteringResult:
-    """A clustering result of the right shapes with random content."""
-    rng = np.random.default_rng(seed)
-    result = ClusteringResult([], [], [], [], [])
-    for k in sizes:
-        centroids = rng.normal(size=(k, nbits)).astype(np.float32)
-        result.im2cluster.append(rng.integers(0, k, size=n))
-        result.centers.append(np.where(rng.random((k, nbits)) < 0.5, -1, 1).astype(np.int8))
-        result.centroids.append(centroids / np.linalg.norm(centroids, axis=1, keepdims=True))
-        result.density.append(rng.uniform(0.1, 0.3, size=k).astype(np.float32))
-        result.objective.append(0.0)
-    return result
 
 
 def param_shapes(module: nn.Module) -> list[tuple[int, ...]]:
@@ -348,16 +331,21 @@ class Bench:
         return self.batch / self.median
 
 
-def fcvid_config(recipe: str, args: argparse.Namespace) -> Config:
+def fcvid_config(recipe: str, args: argparse.Namespace, amp: bool = False) -> Config:
     return build_config("fcvid", recipe, overrides=[f"train.batch_size={args.batch}",
-                                                    f"train.amp={'true' if args.amp else 'false'}"])
+                                                    f"train.amp={'true' if amp else 'false'}"])
 
 
-def bench_ours(recipe: str, p2set: bool, args: argparse.Namespace, device: torch.device, x: Tensor,
+def amp_label(device: torch.device, amp: bool) -> str:
+    """What ``train.amp`` does on this device: bf16 autocast where the hardware has it, else fp32."""
+    return "bf16" if amp and (device.type == "cuda" or cpu_has_fast_bf16()) else "fp32"
+
+
+def bench_ours(recipe: str, p2set: bool, amp: bool, args: argparse.Namespace, device: torch.device, x: Tensor,
                index: Tensor, clustering: ClusteringResult) -> Bench:
     """Our step: ``train_one_epoch`` on one batch (the project's exact training step)."""
     torch.manual_seed(0)
-    cfg = fcvid_config(recipe, args)
+    cfg = fcvid_config(recipe, args, amp)
     model = AutoSSVH(cfg).to(device)
     optimizer = build_optimizer(model, cfg)
     targets = ClusterTargets.from_result(clustering, device) if p2set else None
@@ -368,7 +356,7 @@ def bench_ours(recipe: str, p2set: bool, args: argparse.Namespace, device: torch
             sys.exit(f"ours ({recipe}): non-finite loss during the benchmark")
 
     extra = f", P2Set {cfg.loss.centers}" if p2set else ", pre-warm-up"
-    return Bench(f"ours {recipe} ({cfg.sampler.kind}){extra}", "on" if p2set else "off", num_params(model), step,
+    return Bench(f"ours {recipe}, {amp_label(device, amp)}{extra}", "on" if p2set else "off", num_params(model), step,
                  x.shape[0])
 
 
@@ -385,14 +373,14 @@ def bench_released(cvh: bool, args: argparse.Namespace, device: torch.device, x:
 
     def step(i: int) -> None:
         m1, m2 = masks[i]
-        loss = released_loss(model, x, m1, m2, index, cfg, targets, args.amp)
+        loss = released_loss(model, x, m1, m2, index, cfg, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if not math.isfinite(float(loss.detach())):
             sys.exit("released re-creation: non-finite loss during the benchmark")
 
-    name = "released re-creation" + (", CVH (ProtoNCE)" if cvh else ", pre-warm-up")
+    name = "released re-creation, fp32" + (", CVH (ProtoNCE)" if cvh else ", pre-warm-up")
     return Bench(name, "on" if cvh else "off", num_params(model), step, x.shape[0])
 
 
@@ -420,7 +408,7 @@ def check_parity(device: torch.device, x: Tensor, index: Tensor, clustering: Clu
         m1, m2 = released_masks(x.shape[0], FRAMES, cfg.num_hidden, device)
         if (m1.sum(1) != cfg.num_hidden).any() or (~m1 & ~m2).any():
             sys.exit("re-creation masks are not complementary with the FCVID visible count")
-        loss = released_loss(rel, x, m1, m2, index, cfg, targets, args.amp)
+        loss = released_loss(rel, x, m1, m2, index, cfg, targets)
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             sys.exit(f"re-creation loss is not finite: {losses[-1]}")
@@ -431,13 +419,25 @@ def check_parity(device: torch.device, x: Tensor, index: Tensor, clustering: Clu
           f"{losses[1]:.4f} after one Adam step")
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes on this machine have used since boot (Linux /proc/stat), else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def run_interleaved(benches: list[Bench], warmup: int, steps: int, device: torch.device) -> None:
     """Warm up every variant, then time one step of each variant per round, rotating the order every round,
-    so that background load and thermal drift hit all variants alike."""
+    so that background load and thermal drift hit all variants alike. Reports the CPU share that other
+    processes used meanwhile (the timings are only trustworthy when it is near 0)."""
     for bench in benches:
         for i in range(warmup):
             bench.step(i)
     sync(device)
+    busy0, own0, wall0 = busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
     for r in range(steps):
         for j in range(len(benches)):
             bench = benches[(r + j) % len(benches)]
@@ -445,6 +445,11 @@ def run_interleaved(benches: list[Bench], warmup: int, steps: int, device: torch
             bench.step(warmup + r)
             sync(device)
             bench.times.append(time.perf_counter() - start)
+    busy1, own1, wall1 = busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
+    if busy0 is not None and busy1 is not None:
+        other = max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * (os.cpu_count() or 1))
+        print(f"other processes used {100 * other:.0f}% of the machine's CPU during the timed steps"
+              + (" -- timings are disturbed, rerun on a quiet machine" if other > 0.1 else ""))
 
 
 def print_table(benches: list[Bench]) -> None:
@@ -468,7 +473,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before timing")
     parser.add_argument("--batch", type=int, default=64, help="videos per step")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast of the model forwards (CUDA only)")
     parser.add_argument("--n-train", type=int, default=5000, help="training-set size of the random clustering")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 2:
@@ -481,14 +485,12 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available (CPU-only PyTorch build or no GPU visible); "
                  "run without --device cuda")
-    if args.amp and args.device != "cuda":
-        sys.exit("--amp is bf16 autocast on CUDA only; add --device cuda")
     device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {where}, torch {torch.__version__}, torch threads {torch.get_num_threads()} "
           f"(os.cpu_count() {os.cpu_count()}), batch {args.batch}, {args.warmup} warm-up + {args.steps} timed "
-          f"steps per variant (interleaved), amp {'bf16' if args.amp else 'off (fp32)'}")
+          f"steps per variant (interleaved); ours with train.amp=true runs {amp_label(device, True)}")
     print(f"FCVID sizes: T={FRAMES}, F={FEATURES}, 64 bits, 18 hidden / 7 visible per view; P2Set / CVH rows "
           f"use a random clustering of N={args.n_train} videos at [250, 500, 1000] clusters")
 
@@ -500,8 +502,8 @@ def main() -> None:
 
     random.seed(0)
     benches = [bench_released(cvh, args, device, x, index, clustering) for cvh in (False, True)]
-    benches += [bench_ours(recipe, p2set, args, device, x, index, clustering)
-                for recipe in ("paper", "released") for p2set in (False, True)]
+    benches += [bench_ours(recipe, p2set, amp, args, device, x, index, clustering)
+                for amp in (False, True) for recipe in ("paper", "released") for p2set in (False, True)]
     run_interleaved(benches, args.warmup, args.steps, device)
     print()
     print_table(benches)

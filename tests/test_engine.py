@@ -135,3 +135,15 @@ def test_evaluate_model_encodes_a_shared_split_once():
     shared = evaluate_model(model, RetrievalData(feats, feats, labels, feats, labels), torch.device("cpu"))
     copied = evaluate_model(model, RetrievalData(feats, feats, labels, feats.copy(), labels), torch.device("cpu"))
     assert shared.map_at_k == copied.map_at_k and shared.map_at_k[5] > 0
+
+
+def test_autocast_is_bf16_where_the_hardware_has_it():
+    from autossvh.engine import autocast, cpu_has_fast_bf16
+
+    with autocast(torch.device("cpu"), enabled=True):
+        assert torch.is_autocast_enabled("cpu") == cpu_has_fast_bf16()
+    with autocast(torch.device("cpu"), enabled=False):
+        assert not torch.is_autocast_enabled("cpu")
+    if torch.cuda.is_available():
+        with autocast(torch.device("cuda"), enabled=True):
+            assert torch.get_autocast_dtype("cuda") == torch.bfloat16

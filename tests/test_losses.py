@@ -140,3 +140,16 @@ def test_cluster_codes_shapes_votes_and_errors():
     too_many = build_config("ucf101", overrides=["cluster.num_cluster=[200]"]).cluster
     with pytest.raises(ValueError, match="200 clusters requested but only 120 training videos"):
         cluster_codes(features.astype(np.float32), codes, too_many)
+
+
+def test_gpu_requests_fall_back_to_cpu_faiss():
+    from autossvh.clustering import faiss_has_gpu, kmeans
+
+    if faiss_has_gpu():
+        pytest.skip("faiss-gpu with a visible GPU: the fallback is not exercised here")
+    x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    cfg = build_config("ucf101").cluster
+    on_cpu = kmeans(x, 5, 0, cfg, use_gpu=False)
+    asked_gpu = kmeans(x, 5, 0, cfg, use_gpu=True)
+    np.testing.assert_array_equal(on_cpu[1], asked_gpu[1])
+    np.testing.assert_allclose(on_cpu[0], asked_gpu[0])
