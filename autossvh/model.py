@@ -238,7 +238,7 @@ class AutoSSVH(nn.Module):
         s = self.cfg.sampler
         if self.encoder.grade_net is None:
             return random_complementary_masks(b, t, k, embedded.device), None
-        scores = self.encoder.grade_net(embedded.detach()).repeat(2, 1)
+        scores = self.encoder.grade_net(embedded.detach()).float().repeat(2, 1)  # fp32 under autocast too
         hard, selection = gumbel_topk(scores, k, s.gumbel_noise_scale, s.gumbel_temperature)
         if s.grl:
             selection = GradientReversal.apply(selection)

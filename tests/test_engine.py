@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from autossvh.baselines import random_projection_codes
 from autossvh.engine import (
     array_batches,
     build_optimizer,
@@ -39,6 +40,19 @@ def test_paper_recipe_learns_beyond_random_codes():
                             np.where(rng.random((len(train), 16)) < 0.5, -1, 1), train.labels)
     trained = result.retrieval.map_at_k[5]
     assert trained > random.map_at_k[5] + LEARNING_MARGIN, (trained, random.map_at_k[5])
+    center = train.feats.mean(axis=(0, 1))
+    projection = evaluate_codes(random_projection_codes(query.feats, 16, center=center)[0], query.labels,
+                                random_projection_codes(train.feats, 16, center=center)[0], train.labels)
+    assert trained > projection.map_at_k[5], (trained, projection.map_at_k[5])  # measured: 0.152 vs 0.106
+
+
+def test_random_projection_codes_are_deterministic_sign_codes():
+    feats = np.random.default_rng(0).normal(size=(50, 4, 12)).astype(np.float32)
+    codes, center = random_projection_codes(feats, 24, seed=1)
+    again, _ = random_projection_codes(feats, 24, seed=1, center=center, block=7)
+    assert codes.shape == (50, 24) and codes.dtype == np.int8 and set(np.unique(codes)) <= {-1, 1}
+    np.testing.assert_array_equal(codes, again)
+    np.testing.assert_allclose(center, feats.mean(axis=(0, 1)), atol=1e-6)
 
 
 def test_encode_keeps_order_and_batching_does_not_matter():
