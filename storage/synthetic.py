@@ -44,13 +44,10 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import numpy as np
 
-Protocol = Literal["query_is_database", "database_is_train", "separate"]
-
-PROTOCOLS: tuple[Protocol, ...] = ("query_is_database", "database_is_train", "separate")
+from storage.schema import Protocol, stored_split, stored_splits
 
 LATENT_DIM = 64
 ANCHORS = 3
@@ -113,21 +110,6 @@ REAL_SPLIT_SIZES: dict[str, dict[str, int]] = {
     "hmdb51": {"train": 3570, "query": 1530},
 }
 
-# Split names that are another split of the same dataset under each protocol.
-_ALIASES: dict[str, dict[str, str]] = {
-    "query_is_database": {"query": "database"},
-    "database_is_train": {"database": "train"},
-    "separate": {},
-}
-
-
-def stored_split(protocol: Protocol, split: str) -> str:
-    """Name of the split that actually holds ``split``'s videos under ``protocol``."""
-    if split not in _SPLIT_CODES:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_CODES)}")
-    return _ALIASES[protocol].get(split, split)
-
-
 @dataclass(frozen=True, eq=False)
 class Split:
     """Videos of one split: features, multi-hot labels, ids and the true per-frame signal weight."""
@@ -167,7 +149,7 @@ class SyntheticDataset:
     @property
     def stored_splits(self) -> tuple[str, ...]:
         """The distinct splits, without aliases: what an ingest has to write."""
-        return tuple(s for s in _SPLIT_CODES if stored_split(self.protocol, s) == s)
+        return stored_splits(self.protocol)
 
 
 class SyntheticGenerator:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from storage.schema import PROTOCOLS, stored_split
 from storage.synthetic import (
-    PROTOCOLS,
     REAL_SPLIT_SIZES,
     SHAPES,
     DatasetShape,
@@ -16,7 +16,6 @@ from storage.synthetic import (
     SyntheticDataset,
     SyntheticGenerator,
     make_synthetic,
-    stored_split,
 )
 
 LIKES = ["fcvid", "activitynet", "ucf101", "hmdb51"]

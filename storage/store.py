@@ -1,0 +1,213 @@
+"""The feature store: one Zarr v3 group per dataset at any fsspec URL.
+
+Layout (schema version 1)::
+
+    <url>/zarr.json               group; attributes["autossvh"] = the StoreInfo below
+    <url>/<split>/feats           (N, T, F) float16 (or float32), chunks of ``chunk_videos`` whole videos,
+                                  sharded ``shard_videos`` videos per shard file, zstd
+    <url>/<split>/labels          (N, C) uint8 multi-hot (absent for an unlabelled train split)
+    <url>/<split>/video_ids       (N,) strings
+
+Only the splits the protocol stores are present (``storage.schema``): FCVID holds ``train`` and ``database``
+(the queries are the database), UCF101/HMDB51 ``train`` and ``query`` (the database is train), ActivityNet
+all three. The protocol is part of the attributes, so evaluation reads it instead of guessing.
+
+A store is created with ``complete = false`` and marked complete only after its last byte is written;
+:func:`open_store` refuses an incomplete store unless asked not to (ingest resumes through that).
+
+Chunking: a chunk holds whole videos (readers never need part of a video) and is the unit a reader fetches;
+shards bundle chunks into files large enough for object stores. The defaults aim at ~4 MiB chunks and
+~64 MiB shards (FCVID float16: 16 videos = 3.2 MiB per chunk, 256 videos = 51 MiB per shard); see the
+README's storage section for the measurements behind them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+from storage.schema import PROTOCOLS, SPLITS, Protocol, stored_split, stored_splits
+
+SCHEMA_VERSION = 1
+ATTRIBUTE = "autossvh"
+FEATURE_DTYPES = ("float16", "float32")
+TARGET_CHUNK_BYTES = 4 << 20
+MAX_CHUNK_VIDEOS = 64  # keeps shuffling granularity fine when videos are small
+CHUNKS_PER_SHARD = 16
+
+
+class StoreError(ValueError):
+    """A store that is missing, malformed, of another schema, or inconsistent; the message names it."""
+
+
+class IncompleteStoreError(StoreError):
+    """The store's writer has not finished (ingest interrupted or still running)."""
+
+
+@dataclass
+class StoreInfo:
+    """The group attributes that describe a dataset store."""
+
+    dataset: str
+    protocol: Protocol
+    max_frames: int
+    feature_dim: int
+    num_classes: int
+    dtype: str
+    counts: dict[str, int]
+    chunk_videos: int
+    shard_videos: int
+    sources: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], url: str) -> StoreInfo:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{url}: schema version {version!r}, this code reads version {SCHEMA_VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(data) - {"sources", "complete"}
+        if missing:
+            raise StoreError(f"{url}: store attributes lack {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def default_chunking(max_frames: int, feature_dim: int, dtype: str) -> tuple[int, int]:
+    """(chunk_videos, shard_videos): a power of two of videos up to TARGET_CHUNK_BYTES per chunk (at most
+    MAX_CHUNK_VIDEOS), and CHUNKS_PER_SHARD chunks per shard."""
+    video_bytes = max_frames * feature_dim * np.dtype(dtype).itemsize
+    chunk = 1 << max(0, int(np.floor(np.log2(max(1, TARGET_CHUNK_BYTES // video_bytes)))))
+    chunk = min(chunk, MAX_CHUNK_VIDEOS)
+    return chunk, chunk * CHUNKS_PER_SHARD
+
+
+def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_only: bool = False) -> Any:
+    """A Zarr store for a plain path, ``file://`` URL or any fsspec URL (``s3://``, ``gs://``, ``memory://``)."""
+    if "://" not in url or url.startswith("file://"):
+        return LocalStore(url.removeprefix("file://"), read_only=read_only)
+    return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
+
+
+def create_store(
+    url: str,
+    info: StoreInfo,
+    storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> zarr.Group:
+    """Create the group and its empty arrays, marked incomplete. Refuses to replace an existing store unless
+    ``overwrite``."""
+    _check_info(info, url)
+    store = zarr_store(url, storage_options)
+    try:
+        group = zarr.open_group(store=store, mode="w" if overwrite else "w-", zarr_format=3)
+    except zarr.errors.ContainsGroupError as err:
+        raise StoreError(f"{url}: a store already exists there (use overwrite to replace it)") from err
+    except FileExistsError as err:
+        raise StoreError(f"{url}: something already exists there (use overwrite to replace it)") from err
+    info = dataclasses.replace(info, complete=False)
+    for split in stored_splits(info.protocol):
+        n = info.counts[split]
+        sub = group.create_group(split)
+        sub.create_array(
+            "feats", shape=(n, info.max_frames, info.feature_dim), dtype=info.dtype,
+            chunks=(info.chunk_videos, info.max_frames, info.feature_dim),
+            shards=(info.shard_videos, info.max_frames, info.feature_dim), fill_value=0,
+        )
+        sub.create_array("labels", shape=(n, info.num_classes), dtype="uint8",
+                         chunks=(max(1, min(n, 65536)), info.num_classes), fill_value=0)
+        sub.create_array("video_ids", shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),))
+    group.attrs[ATTRIBUTE] = info.to_dict()
+    return group
+
+
+def mark_complete(group: zarr.Group, sources: dict[str, Any] | None = None) -> None:
+    """Record the sources and mark the store complete: the last write of any writer."""
+    info = dict(group.attrs[ATTRIBUTE])
+    if sources is not None:
+        info["sources"] = sources
+    info["complete"] = True
+    group.attrs[ATTRIBUTE] = info
+
+
+@dataclass
+class SplitArrays:
+    """The arrays of one split (aliases resolved): lazy Zarr arrays, read in whole chunks."""
+
+    name: str
+    stored_as: str
+    feats: zarr.Array
+    labels: zarr.Array
+    video_ids: zarr.Array
+
+    def __len__(self) -> int:
+        return int(self.feats.shape[0])
+
+
+class FeatureStore:
+    """An opened, validated dataset store."""
+
+    def __init__(self, url: str, group: zarr.Group, info: StoreInfo,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.group = group
+        self.info = info
+        self.storage_options = storage_options
+
+    def split(self, name: str) -> SplitArrays:
+        stored = stored_split(self.info.protocol, name)
+        try:
+            sub = self.group[stored]
+            return SplitArrays(name, stored, sub["feats"], sub["labels"], sub["video_ids"])
+        except KeyError as err:
+            raise StoreError(f"{self.url}: split {stored!r} is missing its arrays ({err})") from err
+
+    def num_videos(self, name: str) -> int:
+        return self.info.counts[stored_split(self.info.protocol, name)]
+
+
+def open_store(url: str, storage_options: dict[str, Any] | None = None, require_complete: bool = True,
+               mode: str = "r") -> FeatureStore:
+    """Open and validate a store; an incomplete one raises :class:`IncompleteStoreError` unless
+    ``require_complete`` is False."""
+    try:
+        group = zarr.open_group(store=zarr_store(url, storage_options, read_only=mode == "r"), mode=mode,
+                                zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        raise StoreError(f"{url}: no feature store there") from err
+    if ATTRIBUTE not in group.attrs:
+        raise StoreError(f"{url}: a Zarr group but not an AutoSSVH feature store (no '{ATTRIBUTE}' attribute)")
+    info = StoreInfo.from_dict(dict(group.attrs[ATTRIBUTE]), url)
+    if require_complete and not info.complete:
+        raise IncompleteStoreError(
+            f"{url}: the store is incomplete (its ingest did not finish); re-run the same ingest command to "
+            "resume it")
+    _check_info(info, url)
+    return FeatureStore(url, group, info, storage_options)
+
+
+def _check_info(info: StoreInfo, url: str) -> None:
+    if info.protocol not in PROTOCOLS:
+        raise StoreError(f"{url}: unknown protocol {info.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if info.dtype not in FEATURE_DTYPES:
+        raise StoreError(f"{url}: feature dtype {info.dtype!r}; allowed: {', '.join(FEATURE_DTYPES)}")
+    for key in ("max_frames", "feature_dim", "num_classes", "chunk_videos", "shard_videos"):
+        if getattr(info, key) < 1:
+            raise StoreError(f"{url}: {key} must be >= 1, got {getattr(info, key)}")
+    if info.shard_videos % info.chunk_videos:
+        raise StoreError(f"{url}: shard_videos {info.shard_videos} is not a multiple of chunk_videos "
+                         f"{info.chunk_videos}")
+    for split in stored_splits(info.protocol):
+        if info.counts.get(split, 0) < 1:
+            raise StoreError(f"{url}: split {split!r} is empty or missing from the counts")
+    extra = set(info.counts) - set(SPLITS)
+    if extra:
+        raise StoreError(f"{url}: unknown splits {', '.join(sorted(extra))}")
