@@ -4,7 +4,6 @@ clustering round, retrieval evaluation, and model save/load as state dicts."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -20,8 +19,6 @@ from autossvh.config import Config, build_config, set_value
 from autossvh.losses import ClusterTargets, autossvh_loss
 from autossvh.metrics import gmap_l2, map_at_k, precision_recall_by_radius
 from autossvh.model import AutoSSVH, video_codes
-
-log = logging.getLogger(__name__)
 
 Batch = Tensor | tuple[Tensor, Tensor] | list[Tensor]
 
