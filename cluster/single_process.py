@@ -1,4 +1,5 @@
-"""Single-process training of a dataset preset on generated data, for one machine without Ray.
+"""Single-process training of a dataset preset, on generated data or on a feature store loaded into memory,
+for one machine without Ray.
 
 The reduced preset keeps the released model and loss settings and shrinks what a 2-core machine cannot
 afford in a few minutes: fewer and smaller input features, a shallower encoder, fewer epochs and clusters.
@@ -16,11 +17,14 @@ import numpy as np
 import torch
 
 from autossvh.baselines import random_projection_codes
-from autossvh.config import ConfigError, build_config
+from autossvh.config import build_config
 from autossvh.engine import Retrieval, evaluate_codes, save_model
 from autossvh.metrics import plot_pr_curve
 from autossvh.trainer import RetrievalData, fit
+from storage.schema import stored_split
+from storage.store import FeatureStore, open_store
 from storage.synthetic import make_synthetic
+from storage.writer import storage_options_from
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable (e.g. --set train.lr=2e-4)")
     parser.add_argument("--config", type=Path, help="YAML config file applied before --set")
+    parser.add_argument("--data", help="URL of a feature store (jobs/ingest.py, jobs/make_synthetic.py) to train on, "
+                        "loaded into memory; default: generate a dataset")
+    parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
+                        metavar="KEY=VALUE", help="fsspec option for --data, repeatable")
     parser.add_argument("--videos", type=int, default=1200, help="generated training videos")
     parser.add_argument("--feature-dim", type=int, default=512, help="generated per-frame feature size")
     parser.add_argument("--classes", type=int, default=40, help="classes of the generated dataset")
@@ -61,27 +69,52 @@ def projection_baseline(data: RetrievalData, nbits: int) -> Retrieval:
     return evaluate_codes(query, data.query_labels, db, data.database_labels)
 
 
+def store_data(store: FeatureStore) -> RetrievalData:
+    """A complete store's splits in memory (float32), aliased splits shared as the protocol says."""
+    train, train_labels = store.load("train")
+    loaded = {"train": (train, train_labels)}
+    for name in ("query", "database"):
+        stored = stored_split(store.info.protocol, name)
+        if stored not in loaded:
+            loaded[stored] = store.load(stored)
+    (query, query_labels), (database, database_labels) = (loaded[stored_split(store.info.protocol, n)]
+                                                          for n in ("query", "database"))
+    return RetrievalData(train, query, query_labels, database, database_labels)
+
+
+def synthetic_data(dataset: str, args: argparse.Namespace, feature_size: int, max_frames: int) -> RetrievalData:
+    log.info("generating a %s-like dataset: %d train videos of %d classes, %d frames x %d dims", dataset,
+             args.videos, args.classes, max_frames, feature_size)
+    splits = make_synthetic(dataset, args.videos, feature_dim=feature_size, max_frames=max_frames,
+                            num_classes=args.classes, seed=args.seed).splits
+    return RetrievalData(train=splits["train"].feats, query=splits["query"].feats,
+                         query_labels=splits["query"].labels, database=splits["database"].feats,
+                         database_labels=splits["database"].labels)
+
+
 def run(dataset: str, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = [] if args.full_preset else list(REDUCED_PRESET)
-    overrides.append(f"data.feature_size={args.feature_dim}")
-    if args.bits is not None:
-        overrides.append(f"model.nbits={args.bits}")
-    if args.epochs is not None:
-        overrides.append(f"train.num_epochs={args.epochs}")
+    store = None
     try:
+        if args.data:
+            store = open_store(args.data, storage_options_from(args.storage_options))
+            overrides += [f"data.feature_size={store.info.feature_dim}", f"data.max_frames={store.info.max_frames}"]
+        else:
+            overrides.append(f"data.feature_size={args.feature_dim}")
+        if args.bits is not None:
+            overrides.append(f"model.nbits={args.bits}")
+        if args.epochs is not None:
+            overrides.append(f"train.num_epochs={args.epochs}")
         cfg = build_config(dataset, args.recipe, args.config, [*overrides, *args.overrides])
-    except ConfigError as err:
-        log.error("bad configuration: %s", err)
+    except ValueError as err:  # ConfigError, StoreError, a bad --storage-option
+        log.error("%s", err)
         return 2
-    log.info("generating a %s-like dataset: %d train videos of %d classes, %d frames x %d dims", dataset,
-             args.videos, args.classes, cfg.data.max_frames, cfg.data.feature_size)
-    synthetic = make_synthetic(dataset, args.videos, feature_dim=cfg.data.feature_size,
-                               max_frames=cfg.data.max_frames, num_classes=args.classes, seed=args.seed)
-    splits = synthetic.splits
-    data = RetrievalData(train=splits["train"].feats, query=splits["query"].feats,
-                         query_labels=splits["query"].labels, database=splits["database"].feats,
-                         database_labels=splits["database"].labels)
+    if store is not None:
+        log.info("loading %s (%s protocol) into memory", args.data, store.info.protocol)
+        data = store_data(store)
+    else:
+        data = synthetic_data(dataset, args, cfg.data.feature_size, cfg.data.max_frames)
     baseline = projection_baseline(data, cfg.model.nbits)
     log.info("training %s recipe, %d bits, %d epochs on %s", cfg.recipe, cfg.model.nbits, cfg.train.num_epochs,
              args.device)
@@ -98,7 +131,7 @@ def run(dataset: str, args: argparse.Namespace) -> int:
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
     if result.retrieval.pr_by_radius is not None:
         plot_pr_curve(*result.retrieval.pr_by_radius, args.out / "pr_curve.png",
-                      title=f"{dataset}-like, {cfg.model.nbits} bits, {cfg.recipe} recipe")
+                      title=f"{args.data or dataset + '-like'}, {cfg.model.nbits} bits, {cfg.recipe} recipe")
     print(result.retrieval.table(f"{dataset}, {cfg.model.nbits} bits, recipe {cfg.recipe}"))
     print(baseline.table("baseline: sign of a random projection of mean-pooled features"))
     print(f"model, metrics.json and pr_curve.png in {args.out}/")

@@ -122,9 +122,11 @@ def create_store(
             chunks=(info.chunk_videos, info.max_frames, info.feature_dim),
             shards=(info.shard_videos, info.max_frames, info.feature_dim), fill_value=0,
         )
+        # Labels and ids are chunked like the feature shards, so a writer's block never rewrites another
+        # block's rows (an interrupted write cannot damage finished blocks).
         sub.create_array("labels", shape=(n, info.num_classes), dtype="uint8",
-                         chunks=(max(1, min(n, 65536)), info.num_classes), fill_value=0)
-        sub.create_array("video_ids", shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),))
+                         chunks=(info.shard_videos, info.num_classes), fill_value=0)
+        sub.create_array("video_ids", shape=(n,), dtype=str, chunks=(info.shard_videos,))
     group.attrs[ATTRIBUTE] = info.to_dict()
     return group
 
@@ -172,6 +174,12 @@ class FeatureStore:
 
     def num_videos(self, name: str) -> int:
         return self.info.counts[stored_split(self.info.protocol, name)]
+
+    def load(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A whole split in memory: features as float32 (N, T, F) and labels (N, C). For small datasets and
+        tests; training and evaluation at scale stream through ``storage.reader``."""
+        arrays = self.split(name)
+        return np.asarray(arrays.feats[:], dtype=np.float32), np.asarray(arrays.labels[:])
 
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None, require_complete: bool = True,

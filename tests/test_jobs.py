@@ -30,3 +30,20 @@ def test_train_fcvid_job_rejects_bad_config(tmp_path):
     assert proc.returncode == 2
     assert "model.nbits" in proc.stderr and "multiple of 8" in proc.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_train_job_on_a_store_and_refusing_an_incomplete_one(tmp_path):
+    from storage.store import open_store
+    from storage.synthetic_store import write_synthetic
+
+    url = str(tmp_path / "store")
+    write_synthetic(url, "fcvid", 160, feature_dim=24, num_classes=8, seed=1)
+    proc = run_job("--data", url, "--epochs", "1", "--bits", "16", "--out", str(tmp_path / "run"),
+                   "--set", "model.encoder_depth=1", "--set", "loss.p2set=false")
+    assert proc.returncode == 0, proc.stderr
+    assert "query_is_database protocol" in proc.stderr and "mAP@5" in proc.stdout
+    store = open_store(url, mode="r+")
+    attrs = dict(store.group.attrs["autossvh"])
+    store.group.attrs["autossvh"] = {**attrs, "complete": False}
+    proc = run_job("--data", url, "--out", str(tmp_path / "run2"))
+    assert proc.returncode == 2 and "incomplete" in proc.stderr
