@@ -44,7 +44,7 @@ REDUCED_PRESET = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", choices=["paper", "released"], default="paper")
     parser.add_argument("--bits", type=int, help="code length (model.nbits); default: the preset's")
-    parser.add_argument("--epochs", type=int, help="train.num_epochs; default: the reduced preset's 12")
+    parser.add_argument("--epochs", type=int, help="train.num_epochs; default: the reduced preset's 16")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable (e.g. --set train.lr=2e-4)")
     parser.add_argument("--config", type=Path, help="YAML config file applied before --set")
