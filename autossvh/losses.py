@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,12 +114,23 @@ def prototype_loss(codes: Tensor, index: Tensor, targets: ClusterTargets) -> Ten
 
 
 def autossvh_loss(
-    out: TrainOutput, index: Tensor, cfg: Config, targets: ClusterTargets | None
+    out: TrainOutput,
+    index: Tensor,
+    cfg: Config,
+    targets: ClusterTargets | None,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss and its detached parts (``rec``, ``vc``, ``p2set``) for one training forward."""
+    """Total loss and its detached parts (``rec``, ``vc``, ``p2set``) for one training forward.
+
+    ``gather`` (data-parallel training) concatenates a per-rank tensor over all ranks, keeping the gradient
+    of the local rows: the view-contrastive and P2Set terms then see the global batch, so the loss does not
+    depend on the number of workers. Reconstruction is a per-video mean and stays local.
+    """
     lo = cfg.loss
     zero = out.codes.new_zeros(())
     z1, z2 = out.codes.chunk(2)
+    if gather is not None:
+        z1, z2, index = gather(z1), gather(z2), gather(index)
     rec = reconstruction_loss(out.recon, out.target, out.frame_weight) if lo.reconstruction else zero
     vc = debiased_contrastive_loss(z1, z2, lo.temperature, lo.tau_plus) if lo.view_contrastive else zero
     p2set = zero
