@@ -1,0 +1,154 @@
+"""MLflow tracking against a real SQLite store in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from autossvh.engine import EpochStats, Retrieval, encode
+from autossvh.model import AutoSSVH
+from autossvh.trainer import EpochRecord
+from cluster import tracking
+from tests.conftest import tiny_config
+
+SECRETS = {"key": "AKIAEXAMPLEKEY123", "secret": "s3cr3t-value", "endpoint_url": "http://127.0.0.1:9000"}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> dict[str, str]:
+    """A fresh SQLite tracking store; no run may leak out of a test."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    yield {"uri": uri, "artifacts": (tmp_path / "artifacts").as_uri()}
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def _start(store: dict[str, str], **kwargs) -> mlflow.ActiveRun:
+    return tracking.start_run(store["uri"], "tests", run_name="unit", artifact_location=store["artifacts"],
+                              **kwargs)
+
+
+def _history(epochs: int = 3, with_pr: bool = True) -> list[EpochRecord]:
+    history = []
+    for epoch in range(epochs):
+        stats = EpochStats(loss=3.0 - epoch, rec=1.0, vc=1.5 - 0.1 * epoch, p2set=0.5 * epoch, steps=10,
+                           skipped_steps=epoch % 2, videos=80, seconds=2.0)
+        maps = {5: 0.3 + 0.1 * epoch, 20: 0.25 + 0.1 * epoch}
+        radii = np.arange(17)
+        pr = (radii, np.linspace(1.0, 0.2, 17), np.linspace(0.0, 1.0, 17)) if with_pr else None
+        retrieval = Retrieval(maps, float(np.linalg.norm(list(maps.values()))), pr)
+        history.append(EpochRecord(epoch=epoch, lr=1e-4 * 0.9**epoch, stats=stats, cluster_seconds=0.5 * epoch,
+                                   kmeans_objective=[10.0 - epoch, 20.0 - epoch] if epoch else [],
+                                   retrieval=retrieval))
+    return history
+
+
+def test_redact_is_recursive_and_case_insensitive() -> None:
+    data = {"AWS_Secret_Access_Key": "x", "nested": {"Token": "t", "list": [{"password": "p", "ok": 1}]},
+            "url": "s3://user:pw@host/bucket", "endpoint_url": "http://127.0.0.1:9000", "n": 3}
+    out = tracking.redact(data)
+    assert out == {"AWS_Secret_Access_Key": "***", "nested": {"Token": "***", "list": [{"password": "***", "ok": 1}]},
+                   "url": "s3://***@host/bucket", "endpoint_url": "http://127.0.0.1:9000", "n": 3}
+    assert data["nested"]["Token"] == "t"  # input untouched
+
+
+def test_params_flattened_and_redacted(store: dict[str, str]) -> None:
+    cfg = tiny_config()
+    with _start(store) as run:
+        tracking.log_config(cfg, {"storage_options": SECRETS, "world_size": 2})
+    params = MlflowClient(store["uri"]).get_run(run.info.run_id).data.params
+    assert params["train.lr"] == str(cfg.train.lr)
+    assert params["cluster.num_cluster"] == "[3, 5]"
+    assert params["world_size"] == "2"
+    assert params["storage_options.endpoint_url"] == "http://127.0.0.1:9000"
+    assert params["storage_options.key"] == "***" and params["storage_options.secret"] == "***"
+    everything = " ".join(f"{k}={v}" for k, v in params.items())
+    assert SECRETS["key"] not in everything and SECRETS["secret"] not in everything
+
+
+def test_epoch_metrics_have_steps(store: dict[str, str]) -> None:
+    history = _history()
+    with _start(store) as run:
+        for record in history:
+            tracking.log_epoch(record, step=record.epoch, num_cluster=[3, 5])
+    client = MlflowClient(store["uri"])
+    metrics = client.get_run(run.info.run_id).data.metrics
+    for name in ("loss", "loss_rec", "loss_vc", "loss_p2set", "lr", "videos_per_s", "cluster_seconds",
+                 "kmeans_objective_k3", "kmeans_objective_k5", "map_at_5", "map_at_20", "gmap_l2", "skipped_steps"):
+        assert name in metrics, name
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in loss) == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "kmeans_objective_k5")] == [1, 2]
+    assert metrics["videos_per_s"] == pytest.approx(40.0)
+
+
+def test_final_artifacts(store: dict[str, str], tmp_path: Path) -> None:
+    cfg = tiny_config()
+    history = _history()
+    with _start(store) as run:
+        tracking.log_final_artifacts(cfg, history[-1].retrieval, history, tmp_path / "out")
+    names = {a.path for a in MlflowClient(store["uri"]).list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "map_table.json", "map_table.csv", "pr_curve.png", "training_curve.png"} <= names
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=store["uri"],
+                                                     dst_path=str(tmp_path / "dl")))
+    table = json.loads((local / "map_table.json").read_text())
+    assert table["map_at_k"]["5"] == pytest.approx(0.5) and table["gmap_l2"] == history[-1].retrieval.gmap_l2
+    assert (local / "map_table.csv").read_text().splitlines()[0] == "mAP@5,mAP@20,GMAP(L2)"
+    for png in ("pr_curve.png", "training_curve.png"):
+        assert (local / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "nbits: 16" in (local / "config.yaml").read_text()
+
+
+def test_resume_continues_the_same_run(store: dict[str, str]) -> None:
+    history = _history()
+    with _start(store) as run:
+        tracking.log_epoch(history[0])
+    with _start(store, run_id=run.info.run_id) as resumed:
+        tracking.log_epoch(history[1])
+    assert resumed.info.run_id == run.info.run_id
+    steps = [m.step for m in MlflowClient(store["uri"]).get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == [0, 1]
+
+
+def test_unreachable_http_uri_fails_fast() -> None:
+    start = time.perf_counter()
+    with pytest.raises(tracking.TrackingError, match=r"http://127\.0\.0\.1:9.*unreachable"):
+        tracking.start_run("http://127.0.0.1:9", "tests", timeout=1.0)
+    assert time.perf_counter() - start < 5.0
+    assert mlflow.active_run() is None
+
+
+def test_unreachable_uri_error_hides_credentials() -> None:
+    with pytest.raises(tracking.TrackingError) as info:
+        tracking.start_run("http://alice:hunter2@127.0.0.1:9", "tests", timeout=1.0)
+    assert "hunter2" not in str(info.value)
+
+
+def test_logged_model_loads_registers_and_predicts_packed_codes(store: dict[str, str]) -> None:
+    cfg = tiny_config()
+    model = AutoSSVH(cfg).eval()
+    feats = np.random.default_rng(1).standard_normal((5, cfg.data.max_frames, cfg.data.feature_size))
+    feats = feats.astype(np.float32)
+    expected = np.packbits(encode(model, [torch.from_numpy(feats)]).codes > 0, axis=1)
+    with _start(store):
+        uri = tracking.log_model(model, "hasher", register="autossvh-test")
+    assert uri == "models:/autossvh-test@candidate"
+    client = MlflowClient(store["uri"])
+    version = client.get_model_version_by_alias("autossvh-test", "candidate")
+    assert int(version.version) == 1
+    loaded = mlflow.pyfunc.load_model(uri)
+    out = loaded.predict(feats)
+    assert out.dtype == np.uint8 and out.shape == (5, cfg.model.nbits // 8)
+    np.testing.assert_array_equal(out, expected)
+    inputs = loaded.metadata.get_input_schema().inputs
+    assert inputs[0].type == np.dtype(np.float32) and inputs[0].shape == (-1, cfg.data.max_frames,
+                                                                          cfg.data.feature_size)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text()
+    assert "torch==2." in requirements and "numpy==" in requirements and "PyYAML==" in requirements
