@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +71,13 @@ def train_one_epoch(
     cfg: Config,
     device: torch.device,
     targets: ClusterTargets | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> EpochStats:
     """One pass over ``(features (B, T, F), video index (B,))`` batches with one Adam step per batch.
 
     ``targets`` holds this epoch's clustering (None before warm-up: no P2Set term). A batch whose loss is not
-    finite is skipped (no update) and counted.
+    finite is skipped (no update) and counted. ``gather`` (e.g. ``cluster.distributed.gather_with_grad``) is
+    passed to the loss so that VC and P2Set see the global batch of data-parallel training.
     """
     model.train()
     sums = {"loss": 0.0, "rec": 0.0, "vc": 0.0, "p2set": 0.0}
@@ -86,7 +88,7 @@ def train_one_epoch(
         index = index.to(device, non_blocking=True).long()
         with autocast(device, cfg.train.amp):
             out = model(feats)
-        loss, parts = autossvh_loss(out, index, cfg, targets)
+        loss, parts = autossvh_loss(out, index, cfg, targets, gather)
         if not torch.isfinite(loss):
             skipped += 1
             continue

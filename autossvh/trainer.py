@@ -132,21 +132,24 @@ def fit(
         record = EpochRecord(epoch, lr, stats, cluster_seconds, objective, evaluation)
         history.append(record)
         elapsed = time.perf_counter() - start
-        _log_epoch(record, epochs, elapsed / (epoch + 1) * (epochs - epoch - 1))
+        log.info(epoch_line(record, epochs, elapsed / (epoch + 1) * (epochs - epoch - 1)))
         if on_epoch is not None:
             on_epoch(record)
     assert retrieval is not None
     return FitResult(model=model, history=history, retrieval=retrieval, seconds=time.perf_counter() - start)
 
 
-def _log_epoch(record: EpochRecord, epochs: int, eta: float) -> None:
+def epoch_line(record: EpochRecord, epochs: int, eta: float, eval_seconds: float | None = None) -> str:
+    """The per-epoch progress line: losses, learning rate, throughput, clustering and evaluation, ETA."""
     s = record.stats
     line = (f"epoch {record.epoch + 1}/{epochs} loss {s.loss:.4f} (rec {s.rec:.4f} vc {s.vc:.4f} "
-            f"p2set {s.p2set:.4f}) lr {record.lr:.2e} {s.videos_per_s:.0f} videos/s")
+            f"p2set {s.p2set:.4f}) lr {record.lr:.2e} {s.videos_per_s:.0f} videos/s train {s.seconds:.1f}s")
     if record.cluster_seconds:
         line += f" clustering {record.cluster_seconds:.1f}s"
     if s.skipped_steps:
         line += f" skipped {s.skipped_steps} non-finite steps"
     if record.retrieval is not None:
+        if eval_seconds is not None:
+            line += f" eval {eval_seconds:.1f}s"
         line += f" mAP@5 {record.retrieval.map_at_k[5]:.4f}"
-    log.info("%s ETA %s", line, seconds_to_text(eta))
+    return f"{line} ETA {seconds_to_text(eta)}"

@@ -1,12 +1,13 @@
-"""Train AutoSSVH on FCVID-shaped data and print the mAP@K table.
+"""Train AutoSSVH on FCVID with Ray Train (DDP workers, clustering actor, MLflow) and print the mAP@K table.
 
-Until the Ray job exists this runs single-process: without ``--data`` it trains a reduced FCVID preset on a
-generated FCVID-like dataset (about a minute on 2 CPU cores); with ``--data URL`` it trains on a feature store
-(jobs/ingest.py, jobs/make_synthetic.py) loaded into memory.
+Runs as ``python jobs/train_fcvid.py`` (starts a local Ray) and as
+``ray job submit --working-dir . -- python jobs/train_fcvid.py ...`` (uses the cluster at RAY_ADDRESS).
+Without ``--data`` it trains a reduced preset on a small generated FCVID-like store (cached under runs/data).
 
-    python jobs/train_fcvid.py                              # reduced preset on generated data
-    python jobs/train_fcvid.py --epochs 20 --bits 32 --set train.lr=2e-4 --recipe released
-    python jobs/train_fcvid.py --data runs/stores/fcvid-like
+    python jobs/train_fcvid.py                                   # reduced preset, 2 CPU workers
+    python jobs/train_fcvid.py --data runs/stores/fcvid --bits 64 --workers 4 --gpus-per-worker 1 \\
+        --register fcvid-64
+    python jobs/train_fcvid.py --name my-run                     # re-run the same name to resume it
 """
 
 import argparse
@@ -15,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.single_process import add_arguments, run  # noqa: E402
+from cluster.train import add_arguments, run  # noqa: E402
 
 
 def main() -> int:

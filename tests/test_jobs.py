@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_job(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "train_fcvid.py"), *args], capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "train_local.py"), *args], capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
 
 

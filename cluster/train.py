@@ -1,0 +1,425 @@
+"""Distributed training of a dataset preset with Ray Train: the entry every ``jobs/train_<dataset>.py`` calls.
+
+The driver builds the config, starts (or connects to) Ray, creates the clustering actor and runs a
+``TorchTrainer`` whose workers each read their partition of a Zarr feature store; rank 0 logs every epoch to
+MLflow and reports a checkpoint (model, optimizer, scheduler, epoch, RNG, last clustering result, MLflow run
+id, history) through ``ray.train.report``. Re-running with the same ``--name`` and ``--storage`` resumes from
+the latest checkpoint and continues the same MLflow run. At the end the driver evaluates the selected model
+(``--selection``) on the store, logs the result files and the pyfunc model, and prints the mAP@K table.
+
+Per worker and epoch: a clustering round when ``should_cluster`` (encode this rank's block of the train split,
+submit it to the actor, read the shared result), one epoch of DDP training over the global batch
+(``gather_with_grad``; each rank takes ``train.batch_size / world_size`` videos per step), a scheduler step,
+and every ``train.eval_every`` epochs (and after the last) an evaluation whose codes are gathered to rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from autossvh.clustering import ClusteringResult
+from autossvh.config import Config, build_config
+from autossvh.engine import (
+    EpochStats,
+    Retrieval,
+    build_optimizer,
+    build_scheduler,
+    config_from_dict,
+    encode,
+    evaluate_codes,
+    should_cluster,
+    train_one_epoch,
+)
+from autossvh.losses import ClusterTargets
+from autossvh.model import AutoSSVH
+from autossvh.trainer import EpochRecord, epoch_line
+from storage.reader import EvalReader, TrainReader, make_loader
+from storage.schema import stored_split
+from storage.store import open_store
+from storage.synthetic_store import write_synthetic
+from storage.writer import storage_options_from
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+CHECKPOINT_FILE = "checkpoint.pt"
+SELECTIONS = ("last", "best-map5")
+# The reduced preset for generated data on a small machine (as in cluster.single_process), in minutes on 2 CPUs.
+REDUCED_PRESET = [
+    "model.encoder_depth=2",
+    "train.batch_size=64",
+    "train.num_epochs=8",
+    "train.eval_every=4",
+    "train.lr=5e-4",
+    "train.test_batch_size=256",
+    "cluster.warmup_epoch=2",
+    "cluster.num_cluster=[16, 32, 48]",
+    "cluster.nredo=2",
+]
+SYNTHETIC = {"videos": 1200, "feature_dim": 256, "num_classes": 40, "seed": 0}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="URL of a feature store (jobs/ingest.py, jobs/make_synthetic.py); default: "
+                        "a small generated store cached under runs/data/<dataset>-synthetic, with a reduced preset")
+    parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
+                        metavar="KEY=VALUE", help="fsspec option for --data, repeatable")
+    parser.add_argument("--recipe", choices=["paper", "released"], default="paper")
+    parser.add_argument("--bits", type=int, help="code length (model.nbits)")
+    parser.add_argument("--epochs", type=int, help="train.num_epochs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable (e.g. --set train.lr=2e-4)")
+    parser.add_argument("--config", type=Path, help="YAML config file applied before --set")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; > 0 trains on CUDA")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per Train worker")
+    parser.add_argument("--storage", default="runs/ray", help="checkpoint storage path or URL (RunConfig)")
+    parser.add_argument("--name", help="run name; re-running the same name resumes it (default: <dataset>-<bits>)")
+    parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
+    parser.add_argument("--selection", choices=SELECTIONS, default="last",
+                        help="model to evaluate and log at the end: the last epoch's or the best mAP@5 evaluated")
+    parser.add_argument("--mlflow-uri", default="sqlite:///runs/mlflow.db", help="MLflow tracking URI")
+    parser.add_argument("--mlflow-artifacts", default="runs/mlartifacts",
+                        help="artifact folder of a newly created experiment (local tracking)")
+    parser.add_argument("--experiment", default="autossvh", help="MLflow experiment")
+    parser.add_argument("--register", metavar="NAME", help="register the model under NAME with alias 'candidate'")
+    parser.add_argument("--summary-json", type=Path, help="write the final metrics and URIs here")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without RAY_ADDRESS")
+
+
+def _absolute_uri(uri: str) -> str:
+    """``sqlite:///relative.db`` → absolute path (Ray workers do not share the driver's working directory)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def _absolute_path(url: str) -> str:
+    return url if "://" in url else str(Path(url).resolve())
+
+
+def synthetic_store(dataset: str) -> str:
+    """The cached generated store of ``dataset`` under runs/data, written on first use."""
+    url = str(Path("runs/data", f"{dataset}-synthetic").resolve())
+    try:
+        open_store(url)
+    except ValueError:
+        log.info("generating a %s-like store at %s (%s)", dataset, url, SYNTHETIC)
+        write_synthetic(url, dataset, SYNTHETIC["videos"], feature_dim=SYNTHETIC["feature_dim"],
+                        num_classes=SYNTHETIC["num_classes"], seed=SYNTHETIC["seed"])
+    return url
+
+
+def _init_ray(args: argparse.Namespace) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    num_cpus = args.num_cpus or max(os.cpu_count() or 1, int(args.workers * args.cpus_per_worker) + 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+
+
+# ----- worker side --------------------------------------------------------------------------------------------
+
+
+def _result_state(result: ClusteringResult | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {key: [torch.as_tensor(np.asarray(a)) for a in getattr(result, key)]
+            for key in ("im2cluster", "centers", "centroids", "density")} | {"objective": list(result.objective)}
+
+
+def _result_from_state(state: dict[str, Any] | None) -> ClusteringResult | None:
+    if state is None:
+        return None
+    arrays = {key: [t.numpy() for t in state[key]] for key in ("im2cluster", "centers", "centroids", "density")}
+    return ClusteringResult(**arrays, objective=list(state["objective"]))
+
+
+def _record_to_dict(record: EpochRecord) -> dict[str, Any]:
+    retrieval = None
+    if record.retrieval is not None:
+        retrieval = {"map_at_k": dict(record.retrieval.map_at_k), "gmap_l2": record.retrieval.gmap_l2}
+    return {"epoch": record.epoch, "lr": record.lr, "stats": asdict(record.stats),
+            "cluster_seconds": record.cluster_seconds, "kmeans_objective": list(record.kmeans_objective),
+            "retrieval": retrieval}
+
+
+def _record_from_dict(data: dict[str, Any]) -> EpochRecord:
+    retrieval = data["retrieval"]
+    return EpochRecord(data["epoch"], data["lr"], EpochStats(**data["stats"]), data["cluster_seconds"],
+                       list(data["kmeans_objective"]),
+                       None if retrieval is None else Retrieval(dict(retrieval["map_at_k"]), retrieval["gmap_l2"]))
+
+
+def _gather_to_rank0(array: np.ndarray) -> np.ndarray | None:
+    """Rank-ordered concatenation of every rank's rows on rank 0 (None elsewhere); identity on one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return array
+    parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(array, parts, dst=0)
+    return None if parts is None else np.concatenate(parts)
+
+
+def _encode_split(model: AutoSSVH, url: str, split: str, cfg: Config, rank: int, world: int,
+                  options: dict[str, Any], device: torch.device, loader_workers: int) -> tuple[Any, int]:
+    reader = EvalReader(url, split, cfg.train.test_batch_size, rank, world, options)
+    return encode(model, make_loader(reader, loader_workers), device), reader.start
+
+
+def _evaluate(model: AutoSSVH, url: str, protocol: str, cfg: Config, rank: int, world: int,
+              options: dict[str, Any], device: torch.device, loader_workers: int,
+              labels: dict[str, np.ndarray] | None, with_pr: bool = False) -> Retrieval | None:
+    """Every rank encodes its block of query (and database, unless aliased); rank 0 gets the mAP@K."""
+    query_split, db_split = stored_split(protocol, "query"), stored_split(protocol, "database")
+    query = _gather_to_rank0(_encode_split(model, url, "query", cfg, rank, world, options, device,
+                                           loader_workers)[0].codes)
+    db = query if db_split == query_split else _gather_to_rank0(
+        _encode_split(model, url, "database", cfg, rank, world, options, device, loader_workers)[0].codes)
+    if query is None or labels is None:
+        return None
+    return evaluate_codes(query, labels["query"], db, labels["database"], with_pr)
+
+
+def _split_labels(url: str, options: dict[str, Any]) -> dict[str, np.ndarray]:
+    store = open_store(url, options)
+    return {name: np.asarray(store.split(name).labels[:]) for name in ("query", "database")}
+
+
+def _start_mlflow(loop: dict[str, Any], cfg: Config, run_id: str | None, world: int) -> str:
+    from cluster import tracking
+
+    active = tracking.start_run(loop["mlflow_uri"], loop["experiment"], run_name=loop["name"], run_id=run_id,
+                                artifact_location=loop["mlflow_artifacts"])
+    if run_id is None:
+        tracking.log_config(cfg, {"data": loop["data"], "storage_options": loop["storage_options"],
+                                  "world_size": world, "selection": loop["selection"]})
+    return active.info.run_id
+
+
+def _backfill(history: list[dict[str, Any]], run_id: str, cfg: Config) -> None:
+    """Log the checkpointed epochs that the MLflow run lacks (the job died between checkpoint and logging)."""
+    from mlflow.tracking import MlflowClient
+
+    from cluster import tracking
+
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "loss")}
+    for data in history:
+        if data["epoch"] not in logged:
+            tracking.log_epoch(_record_from_dict(data), num_cluster=cfg.cluster.num_cluster)
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: the epoch loop (see the module docstring); ``loop`` is the driver's config dict."""
+    import mlflow
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from cluster import tracking
+    from cluster.distributed import gather_with_grad
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)  # Ray configures the worker's root
+    logging.getLogger("ray").setLevel(logging.WARNING)  # keep Ray's per-report INFO lines out of the job log
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = config_from_dict(loop["config"])
+    url, options, actor = loop["data"], loop["storage_options"], loop["actor"]
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+    np.random.seed(cfg.train.seed + rank)
+    model = AutoSSVH(cfg).to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    start_epoch, run_id, history, last_result = 0, None, [], None
+    best: dict[str, Any] = {"map5": -1.0, "epoch": -1, "model": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, run_id, history = state["epoch"] + 1, state["mlflow_run_id"], list(state["history"])
+        best = state["best"]
+        last_result = _result_from_state(state["clustering"])
+        if rank == 0:
+            torch.set_rng_state(state["rng"].cpu())
+            log.info("resumed from the checkpoint of epoch %d (MLflow run %s)", state["epoch"] + 1, run_id)
+    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    store = open_store(url, options)
+    protocol, num_train = store.info.protocol, store.num_videos("train")
+    labels = _split_labels(url, options) if rank == 0 else None
+    if rank == 0:
+        run_id = _start_mlflow(loop, cfg, run_id, world)
+        _backfill(history, run_id, cfg)
+    per_rank_batch = max(cfg.train.batch_size // world, 2)
+    reader = TrainReader(url, "train", per_rank_batch, rank, world, cfg.train.seed, options, drop_last=True)
+    epochs = cfg.train.num_epochs
+    start = time.perf_counter()
+    for epoch in range(start_epoch, epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        targets, cluster_seconds, objective = None, 0.0, []
+        if should_cluster(cfg, epoch):
+            tic = time.perf_counter()
+            encoded, first = _encode_split(model, url, "train", cfg, rank, world, options, device,
+                                           loop["loader_workers"])
+            indices = np.arange(first, first + len(encoded.codes), dtype=np.int64)
+            ray.get(actor.submit.remote(epoch, rank, indices, encoded.features, encoded.codes))
+            last_result = ray.get(actor.result.remote(epoch, world, num_train))
+            targets = ClusterTargets.from_result(last_result, device)
+            cluster_seconds, objective = time.perf_counter() - tic, list(last_result.objective)
+        reader.set_epoch(epoch)
+        stats = train_one_epoch(ddp, make_loader(reader, loop["loader_workers"]), optimizer, cfg, device, targets,
+                                gather=gather_with_grad)
+        scheduler.step()
+        retrieval, eval_seconds = None, 0.0
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+            tic = time.perf_counter()
+            retrieval = _evaluate(model, url, protocol, cfg, rank, world, options, device, loop["loader_workers"],
+                                  labels)
+            eval_seconds = time.perf_counter() - tic
+        record = EpochRecord(epoch, lr, stats, cluster_seconds, objective, retrieval)
+        metrics = {"epoch": epoch, "loss": stats.loss, "train_seconds": stats.seconds,
+                   "cluster_seconds": cluster_seconds, "eval_seconds": eval_seconds}
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        history.append(_record_to_dict(record))
+        if retrieval is not None and retrieval.map_at_k[5] > best["map5"]:
+            best = {"map5": retrieval.map_at_k[5], "epoch": epoch,
+                    "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        if retrieval is not None:
+            metrics.update({f"map_at_{k}": v for k, v in retrieval.map_at_k.items()} | {"gmap_l2": retrieval.gmap_l2})
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
+                 "clustering": _result_state(last_result), "mlflow_run_id": run_id, "history": history,
+                 "best": best, "config": cfg.to_dict()}
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        # MLflow after the checkpoint: a crash in between leaves a gap that the resumed run back-fills.
+        tracking.log_epoch(record, num_cluster=cfg.cluster.num_cluster)
+        mlflow.log_metrics({"eval_seconds": eval_seconds, "train_seconds": stats.seconds}, step=epoch)
+        done = epoch + 1 - start_epoch
+        log.info(epoch_line(record, epochs, (time.perf_counter() - start) / done * (epochs - epoch - 1), eval_seconds))
+    if rank == 0:
+        mlflow.end_run()
+
+
+# ----- driver side --------------------------------------------------------------------------------------------
+
+
+def _build(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[str, Any]]:
+    options = storage_options_from(args.storage_options)
+    overrides: list[str] = []
+    if args.data:
+        url = _absolute_path(args.data)
+    else:
+        url = synthetic_store(dataset)
+        overrides += REDUCED_PRESET
+    info = open_store(url, options).info
+    overrides += [f"data.feature_size={info.feature_dim}", f"data.max_frames={info.max_frames}"]
+    if args.bits is not None:
+        overrides.append(f"model.nbits={args.bits}")
+    if args.epochs is not None:
+        overrides.append(f"train.num_epochs={args.epochs}")
+    return build_config(dataset, args.recipe, args.config, [*overrides, *args.overrides]), url, options
+
+
+def _final_retrieval(model: AutoSSVH, url: str, options: dict[str, Any], cfg: Config) -> Retrieval:
+    """The selected model's mAP@K with precision/recall by radius, encoded in the driver process."""
+    protocol = open_store(url, options).info.protocol
+    return _evaluate(model, url, protocol, cfg, 0, 1, options, torch.device("cpu"), 0, _split_labels(url, options),
+                     with_pr=True)
+
+
+def run(dataset: str, args: argparse.Namespace) -> int:
+    """Train ``dataset`` with Ray Train per ``args`` (see :func:`add_arguments`); returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        cfg, url, options = _build(dataset, args)
+    except ValueError as err:  # ConfigError, StoreError, a bad --storage-option
+        log.error("%s", err)
+        return 2
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster import tracking
+    from cluster.clustering_actor import create_clustering_actor
+
+    name = args.name or f"{dataset}-{cfg.model.nbits}bits-{cfg.recipe}"
+    mlflow_uri = _absolute_uri(args.mlflow_uri)
+    if mlflow_uri.startswith("sqlite:///"):
+        Path(mlflow_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    artifacts = Path(args.mlflow_artifacts).resolve().as_uri() if "://" not in args.mlflow_artifacts \
+        else args.mlflow_artifacts
+    _init_ray(args)
+    use_gpu = args.gpus_per_worker > 0
+    actor = create_clustering_actor(cfg.cluster, num_shards=1, num_gpus=min(args.gpus_per_worker, 1.0))
+    loop = {"config": cfg.to_dict(), "data": url, "storage_options": options, "actor": actor,
+            "loader_workers": args.loader_workers, "mlflow_uri": mlflow_uri, "mlflow_artifacts": artifacts,
+            "experiment": args.experiment, "name": name, "selection": args.selection}
+    resources = {"CPU": args.cpus_per_worker} | ({"GPU": args.gpus_per_worker} if use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(storage_path=_absolute_path(args.storage), name=name,
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    log.info("training %s (%s recipe, %d bits, %d epochs) on %d worker(s), run %r in %s", dataset, cfg.recipe,
+             cfg.model.nbits, cfg.train.num_epochs, args.workers, name, args.storage)
+    start = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - start
+    ray.kill(actor)
+    if result.checkpoint is None:
+        log.error("the run ended without a checkpoint")
+        return 1
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    model = AutoSSVH(cfg)
+    chosen = state["best"] if args.selection == "best-map5" and state["best"]["model"] is not None else None
+    model.load_state_dict(chosen["model"] if chosen else state["model"])
+    selected_epoch = chosen["epoch"] if chosen else state["epoch"]
+    retrieval = _final_retrieval(model.eval(), url, options, cfg)
+    history = [_record_from_dict(d) for d in state["history"]]
+    with tracking.start_run(mlflow_uri, args.experiment, run_id=state["mlflow_run_id"]) as active, \
+            tempfile.TemporaryDirectory() as out:
+        tracking.log_final_artifacts(cfg, retrieval, history, out)
+        model_uri = tracking.log_model(model, register=args.register)
+        run_id = active.info.run_id
+    title = f"{dataset}, {cfg.model.nbits} bits, recipe {cfg.recipe}, epoch {selected_epoch + 1} ({args.selection})"
+    print(retrieval.table(title))
+    print(f"model: {model_uri}\nMLflow run {run_id}: mlflow ui --backend-store-uri {mlflow_uri}")
+    if args.summary_json is not None:
+        summary = {"dataset": dataset, "recipe": cfg.recipe, "nbits": cfg.model.nbits,
+                   "epochs": cfg.train.num_epochs, "epochs_run": state["epoch"] + 1, "selected_epoch": selected_epoch,
+                   "map_at_k": {str(k): v for k, v in retrieval.map_at_k.items()}, "gmap_l2": retrieval.gmap_l2,
+                   "wall_seconds": wall, "mlflow_run_id": run_id, "model_uri": model_uri, "workers": args.workers,
+                   "checkpoint": result.checkpoint.path}
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(summary, indent=2))
+    return 0
