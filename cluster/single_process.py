@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from autossvh.baselines import random_projection_codes
-from autossvh.config import build_config
 from autossvh.engine import Retrieval, evaluate_codes, save_model
 from autossvh.metrics import plot_pr_curve
 from autossvh.trainer import RetrievalData, fit
+from cluster.cli import add_config_arguments, config_from_args
 from storage.schema import stored_split
 from storage.store import FeatureStore, open_store
 from storage.synthetic import make_synthetic
@@ -42,16 +42,8 @@ REDUCED_PRESET = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", choices=["paper", "released"], default="paper")
-    parser.add_argument("--bits", type=int, help="code length (model.nbits); default: the preset's")
-    parser.add_argument("--epochs", type=int, help="train.num_epochs; default: the reduced preset's 16")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, repeatable (e.g. --set train.lr=2e-4)")
-    parser.add_argument("--config", type=Path, help="YAML config file applied before --set")
-    parser.add_argument("--data", help="URL of a feature store (jobs/ingest.py, jobs/make_synthetic.py) to train on, "
-                        "loaded into memory; default: generate a dataset")
-    parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
-                        metavar="KEY=VALUE", help="fsspec option for --data, repeatable")
+    add_config_arguments(parser, "URL of a feature store (jobs/ingest.py, jobs/make_synthetic.py) to train on, "
+                         "loaded into memory; default: generate a dataset")
     parser.add_argument("--videos", type=int, default=1200, help="generated training videos")
     parser.add_argument("--feature-dim", type=int, default=512, help="generated per-frame feature size")
     parser.add_argument("--classes", type=int, default=40, help="classes of the generated dataset")
@@ -102,11 +94,7 @@ def run(dataset: str, args: argparse.Namespace) -> int:
             overrides += [f"data.feature_size={store.info.feature_dim}", f"data.max_frames={store.info.max_frames}"]
         else:
             overrides.append(f"data.feature_size={args.feature_dim}")
-        if args.bits is not None:
-            overrides.append(f"model.nbits={args.bits}")
-        if args.epochs is not None:
-            overrides.append(f"train.num_epochs={args.epochs}")
-        cfg = build_config(dataset, args.recipe, args.config, [*overrides, *args.overrides])
+        cfg = config_from_args(dataset, args, overrides)
     except ValueError as err:  # ConfigError, StoreError, a bad --storage-option
         log.error("%s", err)
         return 2

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from autossvh.clustering import ClusteringResult
-from autossvh.config import Config, build_config
+from autossvh.config import Config
 from autossvh.engine import (
     EpochStats,
     Retrieval,
@@ -45,6 +45,7 @@ from autossvh.engine import (
 from autossvh.losses import ClusterTargets
 from autossvh.model import AutoSSVH
 from autossvh.trainer import EpochRecord, epoch_line
+from cluster.cli import add_config_arguments, config_from_args
 from storage.reader import EvalReader, TrainReader, make_loader
 from storage.schema import stored_split
 from storage.store import open_store
@@ -72,16 +73,8 @@ SYNTHETIC = {"videos": 1200, "feature_dim": 256, "num_classes": 40, "seed": 0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="URL of a feature store (jobs/ingest.py, jobs/make_synthetic.py); default: "
-                        "a small generated store cached under runs/data/<dataset>-synthetic, with a reduced preset")
-    parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
-                        metavar="KEY=VALUE", help="fsspec option for --data, repeatable")
-    parser.add_argument("--recipe", choices=["paper", "released"], default="paper")
-    parser.add_argument("--bits", type=int, help="code length (model.nbits)")
-    parser.add_argument("--epochs", type=int, help="train.num_epochs")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, repeatable (e.g. --set train.lr=2e-4)")
-    parser.add_argument("--config", type=Path, help="YAML config file applied before --set")
+    add_config_arguments(parser, "URL of a feature store (jobs/ingest.py, jobs/make_synthetic.py); default: a small "
+                         "generated store cached under runs/data/<dataset>-synthetic, with a reduced preset")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; > 0 trains on CUDA")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -340,11 +333,7 @@ def _build(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[st
         overrides += REDUCED_PRESET
     info = open_store(url, options).info
     overrides += [f"data.feature_size={info.feature_dim}", f"data.max_frames={info.max_frames}"]
-    if args.bits is not None:
-        overrides.append(f"model.nbits={args.bits}")
-    if args.epochs is not None:
-        overrides.append(f"train.num_epochs={args.epochs}")
-    return build_config(dataset, args.recipe, args.config, [*overrides, *args.overrides]), url, options
+    return config_from_args(dataset, args, overrides), url, options
 
 
 def _final_retrieval(model: AutoSSVH, url: str, options: dict[str, Any], cfg: Config) -> Retrieval:

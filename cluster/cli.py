@@ -1,0 +1,31 @@
+"""Command-line options shared by the training entries: the run's configuration and its data source."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from autossvh.config import Config, build_config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """--data, --storage-option, --recipe, --bits, --epochs, --set, --config."""
+    parser.add_argument("--data", help=data_help)
+    parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
+                        metavar="KEY=VALUE", help="fsspec option for --data, repeatable")
+    parser.add_argument("--recipe", choices=["paper", "released"], default="paper")
+    parser.add_argument("--bits", type=int, help="code length (model.nbits)")
+    parser.add_argument("--epochs", type=int, help="train.num_epochs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable (e.g. --set train.lr=2e-4)")
+    parser.add_argument("--config", type=Path, help="YAML config file applied before --set")
+
+
+def config_from_args(dataset: str, args: argparse.Namespace, base_overrides: list[str]) -> Config:
+    """Preset, recipe, ``base_overrides`` (reduced preset, the data's shape), --bits/--epochs, --config, --set."""
+    overrides = list(base_overrides)
+    if args.bits is not None:
+        overrides.append(f"model.nbits={args.bits}")
+    if args.epochs is not None:
+        overrides.append(f"train.num_epochs={args.epochs}")
+    return build_config(dataset, args.recipe, args.config, [*overrides, *args.overrides])
