@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlflow-artifacts", default="runs/mlartifacts",
                         help="artifact folder of a newly created experiment (local tracking)")
     parser.add_argument("--experiment", default="autossvh", help="MLflow experiment")
-    parser.add_argument("--register", metavar="NAME", help="register the model under NAME with alias 'candidate'")
+    parser.add_argument("--register", metavar="NAME", help="register the model under NAME with alias 'candidate' "
+                        "(default without --data: autossvh-<dataset>-synthetic; with --data: not registered)")
     parser.add_argument("--summary-json", type=Path, help="write the final metrics and URIs here")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without RAY_ADDRESS")
 
@@ -398,7 +399,8 @@ def run(dataset: str, args: argparse.Namespace) -> int:
     with tracking.start_run(mlflow_uri, args.experiment, run_id=state["mlflow_run_id"]) as active, \
             tempfile.TemporaryDirectory() as out:
         tracking.log_final_artifacts(cfg, retrieval, history, out)
-        model_uri = tracking.log_model(model, register=args.register)
+        register = args.register or (None if args.data else f"autossvh-{dataset}-synthetic")
+        model_uri = tracking.log_model(model, register=register)
         run_id = active.info.run_id
     title = f"{dataset}, {cfg.model.nbits} bits, recipe {cfg.recipe}, epoch {selected_epoch + 1} ({args.selection})"
     print(retrieval.table(title))
