@@ -35,6 +35,17 @@ class ClusteringResult:
     density: list[np.ndarray]
     objective: list[float]
 
+    def add_granularity(self, codes: np.ndarray, centroids: np.ndarray, assign: np.ndarray, sq_dist: np.ndarray,
+                        objective: float, temperature: float) -> None:
+        """Append one k-means outcome: voted centres of ``codes``, normalised centroids and densities."""
+        k = len(centroids)
+        norms = np.linalg.norm(centroids, axis=1, keepdims=True)
+        self.im2cluster.append(assign)
+        self.centers.append(vote_centers(codes, assign, k))
+        self.centroids.append((centroids / np.maximum(norms, 1e-12)).astype(np.float32))
+        self.density.append(cluster_density(sq_dist, assign, k, temperature))
+        self.objective.append(objective)
+
 
 def faiss_has_gpu() -> bool:
     """True only for a faiss-gpu build that sees a GPU (faiss-cpu silently lacks the GPU classes)."""
@@ -91,11 +102,5 @@ def cluster_codes(
         raise ValueError(f"cluster_codes: {len(features)} feature rows but {len(codes)} code rows")
     result = ClusteringResult([], [], [], [], [])
     for seed, k in enumerate(cfg.num_cluster):
-        centroids, assign, sq_dist, objective = kmeans(features, k, seed, cfg, use_gpu)
-        norms = np.linalg.norm(centroids, axis=1, keepdims=True)
-        result.im2cluster.append(assign)
-        result.centers.append(vote_centers(codes, assign, k))
-        result.centroids.append((centroids / np.maximum(norms, 1e-12)).astype(np.float32))
-        result.density.append(cluster_density(sq_dist, assign, k, cfg.kmeans_temperature))
-        result.objective.append(objective)
+        result.add_granularity(codes, *kmeans(features, k, seed, cfg, use_gpu), cfg.kmeans_temperature)
     return result

@@ -38,9 +38,8 @@ import faiss
 import numpy as np
 import ray
 
-from autossvh.clustering import ClusteringResult, cluster_codes, cluster_density, faiss_has_gpu
+from autossvh.clustering import ClusteringResult, cluster_codes, faiss_has_gpu
 from autossvh.config import ClusterConfig
-from autossvh.voting import vote_centers
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +191,7 @@ def cluster_codes_sharded(shards: list[Any], codes: np.ndarray, cfg: ClusterConf
             run = sharded_kmeans(shards, k, seed=g * 1000 + redo, niter=cfg.niter)
             if best is None or run[3] < best[3]:
                 best = run
-        centroids, assign, sq_dist, objective = best
-        norms = np.linalg.norm(centroids, axis=1, keepdims=True)
-        result.im2cluster.append(assign)
-        result.centers.append(vote_centers(codes, assign, k))
-        result.centroids.append((centroids / np.maximum(norms, 1e-12)).astype(np.float32))
-        result.density.append(cluster_density(sq_dist, assign, k, cfg.kmeans_temperature))
-        result.objective.append(objective)
+        result.add_granularity(codes, *best, cfg.kmeans_temperature)
     return result
 
 
