@@ -106,6 +106,7 @@ class ClusterConfig:
     nredo: int = 5
     max_points_per_centroid: int = 200
     min_points_per_centroid: int = 2
+    num_shards: int = 1  # >1: the assignment step of k-means is sharded across that many actors (Ray runs)
 
 
 @dataclass
@@ -371,6 +372,7 @@ def _validate(cfg: Config) -> None:
              c.max_points_per_centroid)
     _require(c.min_points_per_centroid >= 1, "cluster.min_points_per_centroid", "must be >= 1",
              c.min_points_per_centroid)
+    _require(c.num_shards >= 1, "cluster.num_shards", "must be >= 1", c.num_shards)
     _require(t.batch_size >= 2, "train.batch_size", "must be >= 2 (the contrastive loss needs negatives)",
              t.batch_size)
     _require(t.num_epochs >= 1, "train.num_epochs", "must be >= 1", t.num_epochs)

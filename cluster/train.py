@@ -367,7 +367,8 @@ def run(dataset: str, args: argparse.Namespace) -> int:
         else args.mlflow_artifacts
     _init_ray(args)
     use_gpu = args.gpus_per_worker > 0
-    actor = create_clustering_actor(cfg.cluster, num_shards=1, num_gpus=min(args.gpus_per_worker, 1.0))
+    actor = create_clustering_actor(cfg.cluster, num_shards=cfg.cluster.num_shards,
+                                    num_gpus=min(args.gpus_per_worker, 1.0))
     loop = {"config": cfg.to_dict(), "data": url, "storage_options": options, "actor": actor,
             "loader_workers": args.loader_workers, "mlflow_uri": mlflow_uri, "mlflow_artifacts": artifacts,
             "experiment": args.experiment, "name": name, "selection": args.selection}

@@ -82,6 +82,7 @@ def test_flat_round_trip():
         ("recipe=fast", "recipe: unknown recipe"),
         ("dataset=kinetics", "dataset: unknown dataset"),
         ("novalue", "expected key=value"),
+        ("cluster.num_shards=0", "cluster.num_shards"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -92,7 +92,7 @@ def test_two_worker_run_logs_checkpoints_and_registers(ray_session, store_url, t
 
 def test_killed_run_resumes_from_its_checkpoint_and_mlflow_run(ray_session, store_url, tmp_path):
     argv = [sys.executable, str(ROOT / "jobs" / "train_ucf101.py"), *job_args(tmp_path, store_url, "resume"),
-            "--set", "train.eval_every=1"]
+            "--set", "train.eval_every=1", "--set", "cluster.num_shards=2"]  # sharded k-means through Ray too
     env = {**os.environ, "RAY_ADDRESS": ray_session, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
