@@ -48,7 +48,7 @@ from autossvh.trainer import EpochRecord, epoch_line
 from cluster.cli import add_config_arguments, config_from_args
 from storage.reader import EvalReader, TrainReader, make_loader
 from storage.schema import stored_split
-from storage.store import open_store
+from storage.store import FeatureStore, open_store
 from storage.synthetic_store import write_synthetic
 from storage.writer import storage_options_from
 
@@ -195,8 +195,7 @@ def _evaluate(model: AutoSSVH, url: str, protocol: str, cfg: Config, rank: int, 
     return evaluate_codes(query, labels["query"], db, labels["database"], with_pr)
 
 
-def _split_labels(url: str, options: dict[str, Any]) -> dict[str, np.ndarray]:
-    store = open_store(url, options)
+def _split_labels(store: FeatureStore) -> dict[str, np.ndarray]:
     return {name: np.asarray(store.split(name).labels[:]) for name in ("query", "database")}
 
 
@@ -263,7 +262,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     store = open_store(url, options)
     protocol, num_train = store.info.protocol, store.num_videos("train")
-    labels = _split_labels(url, options) if rank == 0 else None
+    labels = _split_labels(store) if rank == 0 else None
     if rank == 0:
         run_id = _start_mlflow(loop, cfg, run_id, world)
         _backfill(history, run_id, cfg)
@@ -339,9 +338,9 @@ def _build(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[st
 
 def _final_retrieval(model: AutoSSVH, url: str, options: dict[str, Any], cfg: Config) -> Retrieval:
     """The selected model's mAP@K with precision/recall by radius, encoded in the driver process."""
-    protocol = open_store(url, options).info.protocol
-    return _evaluate(model, url, protocol, cfg, 0, 1, options, torch.device("cpu"), 0, _split_labels(url, options),
-                     with_pr=True)
+    store = open_store(url, options)
+    return _evaluate(model, url, store.info.protocol, cfg, 0, 1, options, torch.device("cpu"), 0,
+                     _split_labels(store), with_pr=True)
 
 
 def run(dataset: str, args: argparse.Namespace) -> int:
