@@ -124,6 +124,7 @@ class TrainConfig:
     eval_every: int = 1
     test_batch_size: int = 128
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16)
+    max_nonfinite_steps: int = 20  # consecutive non-finite losses (each step skipped) before the run stops
 
 
 @dataclass
@@ -383,3 +384,4 @@ def _validate(cfg: Config) -> None:
     _require(0 <= t.min_lr <= t.lr, "train.min_lr", "must be in [0, train.lr]", t.min_lr)
     _require(t.eval_every >= 1, "train.eval_every", "must be >= 1", t.eval_every)
     _require(t.test_batch_size >= 1, "train.test_batch_size", "must be >= 1", t.test_batch_size)
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1", t.max_nonfinite_steps)

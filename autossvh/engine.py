@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from autossvh.clustering import ClusteringResult, cluster_codes
@@ -64,6 +65,35 @@ class EpochStats:
         return self.videos / max(self.seconds, 1e-9)
 
 
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive training steps had a non-finite loss (diverged, or NaN/Inf in the input)."""
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts consecutive non-finite losses; the verdict is agreed by all ranks, so they skip the same steps."""
+
+    limit: int
+    streak: int = 0
+    skipped_total: int = 0
+
+    def finite(self, loss: Tensor) -> bool:
+        ok = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok.item()):
+            self.streak = 0
+            return True
+        self.streak += 1
+        self.skipped_total += 1
+        if self.streak >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.streak} consecutive training steps had a non-finite loss (train.max_nonfinite_steps="
+                f"{self.limit}; {self.skipped_total} skipped in all): the run diverged or the features hold NaN/Inf; "
+                "lower train.lr or check the input, then resume from the last checkpoint")
+        return False
+
+
 def train_one_epoch(
     model: AutoSSVH,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -72,14 +102,18 @@ def train_one_epoch(
     device: torch.device,
     targets: ClusterTargets | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
+    guard: NonFiniteGuard | None = None,
 ) -> EpochStats:
     """One pass over ``(features (B, T, F), video index (B,))`` batches with one Adam step per batch.
 
     ``targets`` holds this epoch's clustering (None before warm-up: no P2Set term). A batch whose loss is not
-    finite is skipped (no update) and counted. ``gather`` (e.g. ``cluster.distributed.gather_with_grad``) is
+    finite on any rank is skipped by every rank (no update) and counted; ``guard`` (one per run, so the count
+    spans epochs; default: one for this epoch) raises :class:`NonFiniteLossError` after
+    ``train.max_nonfinite_steps`` such batches in a row. ``gather`` (e.g. ``cluster.distributed.gather_with_grad``) is
     passed to the loss so that VC and P2Set see the global batch of data-parallel training.
     """
     model.train()
+    guard = guard or NonFiniteGuard(cfg.train.max_nonfinite_steps)
     sums = {"loss": 0.0, "rec": 0.0, "vc": 0.0, "p2set": 0.0}
     steps = skipped = videos = 0
     start = time.perf_counter()
@@ -89,7 +123,7 @@ def train_one_epoch(
         with autocast(device, cfg.train.amp):
             out = model(feats)
         loss, parts = autossvh_loss(out, index, cfg, targets, gather)
-        if not torch.isfinite(loss):
+        if not guard.finite(loss):
             skipped += 1
             continue
         optimizer.zero_grad(set_to_none=True)

@@ -19,6 +19,7 @@ from torch import Tensor
 from autossvh.config import Config
 from autossvh.engine import (
     EpochStats,
+    NonFiniteGuard,
     Retrieval,
     array_batches,
     build_optimizer,
@@ -113,6 +114,7 @@ def fit(
     scheduler = build_scheduler(optimizer, cfg)
     history: list[EpochRecord] = []
     retrieval: Retrieval | None = None
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     start = time.perf_counter()
     epochs = cfg.train.num_epochs
     for epoch in range(epochs):
@@ -124,7 +126,8 @@ def fit(
             objective = result.objective
             targets = ClusterTargets.from_result(result, device)
         index_batches = shuffled_batches(len(data.train), cfg.train.batch_size, generator)
-        stats = train_one_epoch(model, _train_batches(data.train, index_batches), optimizer, cfg, device, targets)
+        stats = train_one_epoch(model, _train_batches(data.train, index_batches), optimizer, cfg, device, targets,
+                                guard=guard)
         scheduler.step()
         evaluation = None
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:

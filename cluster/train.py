@@ -4,13 +4,16 @@ The driver builds the config, starts (or connects to) Ray, creates the clusterin
 ``TorchTrainer`` whose workers each read their partition of a Zarr feature store; rank 0 logs every epoch to
 MLflow and reports a checkpoint (model, optimizer, scheduler, epoch, RNG, last clustering result, MLflow run
 id, history) through ``ray.train.report``. Re-running with the same ``--name`` and ``--storage`` resumes from
-the latest checkpoint and continues the same MLflow run. At the end the driver evaluates the selected model
-(``--selection``) on the store, logs the result files and the pyfunc model, and prints the mAP@K table.
+the latest checkpoint and continues the same MLflow run. After the last epoch the workers evaluate the selected
+model (``--selection``) with precision/recall by radius and report it in a final checkpoint; the driver logs
+the result files and the pyfunc model and prints the mAP@K table.
 
 Per worker and epoch: a clustering round when ``should_cluster`` (encode this rank's block of the train split,
 submit it to the actor, read the shared result), one epoch of DDP training over the global batch
 (``gather_with_grad``; each rank takes ``train.batch_size / world_size`` videos per step), a scheduler step,
 and every ``train.eval_every`` epochs (and after the last) an evaluation whose codes are gathered to rank 0.
+A step whose loss is not finite on any rank is skipped by all ranks; ``train.max_nonfinite_steps`` in a row
+stop the run with an error, keeping the last checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from autossvh.clustering import ClusteringResult
 from autossvh.config import Config
 from autossvh.engine import (
     EpochStats,
+    NonFiniteGuard,
     Retrieval,
     build_optimizer,
     build_scheduler,
@@ -166,13 +170,45 @@ def _record_from_dict(data: dict[str, Any]) -> EpochRecord:
                        None if retrieval is None else Retrieval(dict(retrieval["map_at_k"]), retrieval["gmap_l2"]))
 
 
-def _gather_to_rank0(array: np.ndarray) -> np.ndarray | None:
-    """Rank-ordered concatenation of every rank's rows on rank 0 (None elsewhere); identity on one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return array
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0 (None elsewhere); ``[obj]`` on one process."""
+    if not _distributed():
+        return [obj]
     parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(array, parts, dst=0)
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
+def _gather_to_rank0(array: np.ndarray) -> np.ndarray | None:
+    """Rank-ordered concatenation of every rank's rows on rank 0 (None elsewhere)."""
+    parts = _gather_objects(array)
     return None if parts is None else np.concatenate(parts)
+
+
+def _rng_state() -> dict[str, torch.Tensor | None]:
+    """This process's torch RNG states (the sampler's Gumbel noise draws from them)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _retrieval_state(retrieval: Retrieval) -> dict[str, Any]:
+    """A Retrieval as tensors and floats (loadable with ``weights_only=True``)."""
+    pr = None if retrieval.pr_by_radius is None else [torch.as_tensor(a) for a in retrieval.pr_by_radius]
+    return {"map_at_k": dict(retrieval.map_at_k), "gmap_l2": retrieval.gmap_l2, "pr_by_radius": pr}
+
+
+def _retrieval_from_state(state: dict[str, Any]) -> Retrieval:
+    pr = None if state["pr_by_radius"] is None else tuple(t.numpy() for t in state["pr_by_radius"])
+    return Retrieval(dict(state["map_at_k"]), state["gmap_l2"], pr)
 
 
 def _encode_split(model: AutoSSVH, url: str, split: str, cfg: Config, rank: int, world: int,
@@ -227,7 +263,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import mlflow
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from cluster import tracking
     from cluster.distributed import gather_with_grad
@@ -246,6 +281,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     scheduler = build_scheduler(optimizer, cfg)
     start_epoch, run_id, history, last_result = 0, None, [], None
     best: dict[str, Any] = {"map5": -1.0, "epoch": -1, "model": None}
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -256,8 +292,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         start_epoch, run_id, history = state["epoch"] + 1, state["mlflow_run_id"], list(state["history"])
         best = state["best"]
         last_result = _result_from_state(state["clustering"])
+        if len(state["rng"]) == world:  # same world size: every rank continues its own random stream
+            _set_rng_state(state["rng"][rank])
         if rank == 0:
-            torch.set_rng_state(state["rng"].cpu())
             log.info("resumed from the checkpoint of epoch %d (MLflow run %s)", state["epoch"] + 1, run_id)
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     store = open_store(url, options)
@@ -284,7 +321,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             cluster_seconds, objective = time.perf_counter() - tic, list(last_result.objective)
         reader.set_epoch(epoch)
         stats = train_one_epoch(ddp, make_loader(reader, loop["loader_workers"]), optimizer, cfg, device, targets,
-                                gather=gather_with_grad)
+                                gather=gather_with_grad, guard=guard)
         scheduler.step()
         retrieval, eval_seconds = None, 0.0
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
@@ -295,6 +332,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         record = EpochRecord(epoch, lr, stats, cluster_seconds, objective, retrieval)
         metrics = {"epoch": epoch, "loss": stats.loss, "train_seconds": stats.seconds,
                    "cluster_seconds": cluster_seconds, "eval_seconds": eval_seconds}
+        rng = _gather_objects(_rng_state())
         if rank != 0:
             ray.train.report(metrics)
             continue
@@ -305,12 +343,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if retrieval is not None:
             metrics.update({f"map_at_{k}": v for k, v in retrieval.map_at_k.items()} | {"gmap_l2": retrieval.gmap_l2})
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng,
                  "clustering": _result_state(last_result), "mlflow_run_id": run_id, "history": history,
-                 "best": best, "config": cfg.to_dict()}
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+                 "best": best, "config": cfg.to_dict(), "final": None}
+        _report_checkpoint(metrics, state)
         # MLflow after the checkpoint: a crash in between leaves a gap that the resumed run back-fills.
         tracking.log_epoch(record, num_cluster=cfg.cluster.num_cluster)
         mlflow.log_metrics({"eval_seconds": eval_seconds, "train_seconds": stats.seconds}, step=epoch)
@@ -318,6 +354,41 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         log.info(epoch_line(record, epochs, (time.perf_counter() - start) / done * (epochs - epoch - 1), eval_seconds))
     if rank == 0:
         mlflow.end_run()
+    _final_evaluation(model, loop["selection"], best, state if rank == 0 else None, url, protocol, cfg, rank, world,
+                      options, device, loop["loader_workers"], labels)
+
+
+def _report_checkpoint(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(state, Path(folder) / CHECKPOINT_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def _final_evaluation(model: AutoSSVH, selection: str, best: dict[str, Any], state: dict[str, Any] | None,
+                      url: str, protocol: str, cfg: Config, rank: int, world: int, options: dict[str, Any],
+                      device: torch.device, loader_workers: int, labels: dict[str, np.ndarray] | None) -> None:
+    """All ranks encode the selected model's codes; rank 0 adds mAP@K, GMAP and precision/recall by radius to
+    a last checkpoint (``final``), which the driver reads instead of evaluating in its own process."""
+    import ray.train
+
+    chosen = [best["model"] if rank == 0 and selection == "best-map5" else None]
+    if _distributed():
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is not None:
+        model.load_state_dict(chosen[0])
+    retrieval = _evaluate(model, url, protocol, cfg, rank, world, options, device, loader_workers, labels,
+                          with_pr=True)
+    if rank != 0:
+        ray.train.report({})
+        return
+    selected = best["epoch"] if chosen[0] is not None else state["epoch"]
+    state["final"] = {"selected_epoch": selected, "retrieval": _retrieval_state(retrieval)}
+    metrics = {"epoch": state["epoch"], "selected_epoch": selected} | {
+        f"final_map_at_{k}": v for k, v in retrieval.map_at_k.items()}
+    _report_checkpoint(metrics, state)
 
 
 # ----- driver side --------------------------------------------------------------------------------------------
@@ -336,13 +407,6 @@ def _build(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[st
     return config_from_args(dataset, args, overrides), url, options
 
 
-def _final_retrieval(model: AutoSSVH, url: str, options: dict[str, Any], cfg: Config) -> Retrieval:
-    """The selected model's mAP@K with precision/recall by radius, encoded in the driver process."""
-    store = open_store(url, options)
-    return _evaluate(model, url, store.info.protocol, cfg, 0, 1, options, torch.device("cpu"), 0,
-                     _split_labels(store), with_pr=True)
-
-
 def run(dataset: str, args: argparse.Namespace) -> int:
     """Train ``dataset`` with Ray Train per ``args`` (see :func:`add_arguments`); returns the exit code."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
@@ -352,7 +416,7 @@ def run(dataset: str, args: argparse.Namespace) -> int:
         log.error("%s", err)
         return 2
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from cluster import tracking
@@ -382,19 +446,25 @@ def run(dataset: str, args: argparse.Namespace) -> int:
     log.info("training %s (%s recipe, %d bits, %d epochs) on %d worker(s), run %r in %s", dataset, cfg.recipe,
              cfg.model.nbits, cfg.train.num_epochs, args.workers, name, args.storage)
     start = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        log.error("training failed: %s", err)
+        log.error("the last checkpoint is kept under %s/%s; re-run the same command to resume from it",
+                  args.storage, name)
+        return 1
+    finally:
+        ray.kill(actor)
     wall = time.perf_counter() - start
-    ray.kill(actor)
     if result.checkpoint is None:
         log.error("the run ended without a checkpoint")
         return 1
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    selected_epoch = state["final"]["selected_epoch"]
+    retrieval = _retrieval_from_state(state["final"]["retrieval"])
     model = AutoSSVH(cfg)
-    chosen = state["best"] if args.selection == "best-map5" and state["best"]["model"] is not None else None
-    model.load_state_dict(chosen["model"] if chosen else state["model"])
-    selected_epoch = chosen["epoch"] if chosen else state["epoch"]
-    retrieval = _final_retrieval(model.eval(), url, options, cfg)
+    model.load_state_dict(state["best"]["model"] if selected_epoch != state["epoch"] else state["model"])
     history = [_record_from_dict(d) for d in state["history"]]
     with tracking.start_run(mlflow_uri, args.experiment, run_id=state["mlflow_run_id"]) as active, \
             tempfile.TemporaryDirectory() as out:

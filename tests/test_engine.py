@@ -8,6 +8,8 @@ import torch
 
 from autossvh.baselines import random_projection_codes
 from autossvh.engine import (
+    NonFiniteGuard,
+    NonFiniteLossError,
     array_batches,
     build_optimizer,
     build_scheduler,
@@ -93,6 +95,21 @@ def test_non_finite_batches_are_skipped_and_counted():
     stats = train_one_epoch(model, [(bad, torch.arange(8))], build_optimizer(model, cfg), cfg, torch.device("cpu"))
     assert stats.skipped_steps == 1 and stats.steps == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_consecutive_non_finite_losses_stop_the_run_across_epochs():
+    cfg = tiny_config("train.max_nonfinite_steps=3")
+    model = AutoSSVH(cfg)
+    optimizer = build_optimizer(model, cfg)
+    good, bad = torch.randn(8, 8, 16), torch.full((8, 8, 16), float("inf"))
+    index = torch.arange(8)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    stats = train_one_epoch(model, [(bad, index), (bad, index), (good, index)], optimizer, cfg, torch.device("cpu"),
+                            guard=guard)
+    assert (stats.skipped_steps, stats.steps, guard.streak) == (2, 1, 0)  # a finite step resets the streak
+    train_one_epoch(model, [(bad, index), (bad, index)], optimizer, cfg, torch.device("cpu"), guard=guard)
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive .*train.max_nonfinite_steps=3; 5 skipped"):
+        train_one_epoch(model, [(bad, index)], optimizer, cfg, torch.device("cpu"), guard=guard)
 
 
 def test_shuffled_batches_cover_every_video_once_and_never_leave_one():

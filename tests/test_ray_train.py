@@ -69,7 +69,7 @@ def epoch_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 def test_two_worker_run_logs_checkpoints_and_registers(ray_session, store_url, tmp_path, capsys):
     from cluster.train import run
 
-    assert run("ucf101", parse(job_args(tmp_path, store_url, "tiny"))) == 0
+    assert run("ucf101", parse([*job_args(tmp_path, store_url, "tiny"), "--selection", "best-map5"])) == 0
     out = capsys.readouterr().out
     assert "mAP@5" in out and "GMAP(L2)" in out and "models:/tiny-ucf@candidate" in out and "mlflow ui" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -80,6 +80,9 @@ def test_two_worker_run_logs_checkpoints_and_registers(ray_session, store_url, t
     run_id = summary["mlflow_run_id"]
     assert epoch_steps(client, run_id, "loss") == [0, 1, 2]
     assert epoch_steps(client, run_id, "map_at_5") == [1, 2]  # eval_every=2 and the last epoch
+    map5 = {m.step: m.value for m in client.get_metric_history(run_id, "map_at_5")}
+    assert summary["selected_epoch"] == max(map5, key=lambda step: (map5[step], -step))  # first best on a tie
+    assert summary["map_at_k"]["5"] == pytest.approx(map5[summary["selected_epoch"]], abs=1e-12)
     assert epoch_steps(client, run_id, "kmeans_objective_k5") == [1, 2]  # clustering from epoch 1
     params = client.get_run(run_id).data.params
     assert params["world_size"] == "2" and params["model.nbits"] == "16"
