@@ -131,12 +131,14 @@ def start_run(
     run_id: str | None = None,
     *,
     artifact_location: str | None = None,
+    parent_run_id: str | None = None,
     timeout: float = 5.0,
 ) -> mlflow.ActiveRun:
     """Start (or, with ``run_id``, resume) the run of a training run and return it (a context manager).
 
     The experiment is created when missing, with ``artifact_location`` if given. Resuming keeps the same run
-    id, so a restarted job continues its metric history; store the id in the checkpoint to resume.
+    id, so a restarted job continues its metric history; store the id in the checkpoint to resume. A new run
+    with ``parent_run_id`` is that run's child (a sweep's trial).
     """
     check_reachable(tracking_uri, timeout)
     mlflow.set_tracking_uri(tracking_uri)
@@ -150,7 +152,7 @@ def start_run(
         found.experiment_id if found is not None
         else client.create_experiment(experiment, artifact_location=artifact_location)
     )
-    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id)
     log.info("MLflow: run %s (%s) in experiment %r at %s", active.info.run_id, run_name, experiment,
              redact_url(tracking_uri))
     return active

@@ -24,7 +24,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; > 0 trains on CUDA")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per Train worker")
+    parser.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                        default="PACK", help="how Ray places the workers on nodes (SPREAD: one per node if possible)")
     parser.add_argument("--storage", default="runs/ray", help="checkpoint storage path or URL (RunConfig)")
     parser.add_argument("--name", help="run name; re-running the same name resumes it (default: <dataset>-<bits>)")
     parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
@@ -239,7 +241,7 @@ def _start_mlflow(loop: dict[str, Any], cfg: Config, run_id: str | None, world: 
     from cluster import tracking
 
     active = tracking.start_run(loop["mlflow_uri"], loop["experiment"], run_name=loop["name"], run_id=run_id,
-                                artifact_location=loop["mlflow_artifacts"])
+                                artifact_location=loop["mlflow_artifacts"], parent_run_id=loop["mlflow_parent"])
     if run_id is None:
         tracking.log_config(cfg, {"data": loop["data"], "storage_options": loop["storage_options"],
                                   "world_size": world, "selection": loop["selection"]})
@@ -372,6 +374,7 @@ def _final_evaluation(model: AutoSSVH, selection: str, best: dict[str, Any], sta
                       device: torch.device, loader_workers: int, labels: dict[str, np.ndarray] | None) -> None:
     """All ranks encode the selected model's codes; rank 0 adds mAP@K, GMAP and precision/recall by radius to
     a last checkpoint (``final``), which the driver reads instead of evaluating in its own process."""
+    import ray
     import ray.train
 
     chosen = [best["model"] if rank == 0 and selection == "best-map5" else None]
@@ -381,13 +384,14 @@ def _final_evaluation(model: AutoSSVH, selection: str, best: dict[str, Any], sta
         model.load_state_dict(chosen[0])
     retrieval = _evaluate(model, url, protocol, cfg, rank, world, options, device, loader_workers, labels,
                           with_pr=True)
+    nodes = _gather_objects(ray.get_runtime_context().get_node_id())
     if rank != 0:
         ray.train.report({})
         return
     selected = best["epoch"] if chosen[0] is not None else state["epoch"]
     state["final"] = {"selected_epoch": selected, "retrieval": _retrieval_state(retrieval)}
-    metrics = {"epoch": state["epoch"], "selected_epoch": selected} | {
-        f"final_map_at_{k}": v for k, v in retrieval.map_at_k.items()}
+    metrics = {"epoch": state["epoch"], "selected_epoch": selected, "worker_nodes": nodes,
+               "gmap_l2": retrieval.gmap_l2} | {f"map_at_{k}": v for k, v in retrieval.map_at_k.items()}
     _report_checkpoint(metrics, state)
 
 
@@ -407,6 +411,84 @@ def _build(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[st
     return config_from_args(dataset, args, overrides), url, options
 
 
+@dataclass
+class FinishedRun:
+    """What a finished training run produced: the selected model and its evaluation, from the last checkpoint."""
+
+    model: AutoSSVH
+    retrieval: Retrieval
+    selected_epoch: int
+    epochs_run: int
+    mlflow_run_id: str
+    checkpoint_path: str
+    history: list[EpochRecord]
+
+
+def mlflow_locations(args: argparse.Namespace) -> tuple[str, str]:
+    """The tracking URI (a relative SQLite path made absolute, its folder created) and the artifact location."""
+    mlflow_uri = _absolute_uri(args.mlflow_uri)
+    if mlflow_uri.startswith("sqlite:///"):
+        Path(mlflow_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    artifacts = args.mlflow_artifacts if "://" in args.mlflow_artifacts else \
+        Path(args.mlflow_artifacts).resolve().as_uri()
+    return mlflow_uri, artifacts
+
+
+def make_trainer(cfg: Config, url: str, options: dict[str, Any], args: argparse.Namespace, name: str, actor: Any,
+                 *, callbacks: list[Any] | None = None, mlflow_parent: str | None = None) -> Any:
+    """The TorchTrainer of one training run (``args``: the options of :func:`add_arguments`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    mlflow_uri, artifacts = mlflow_locations(args)
+    loop = {"config": cfg.to_dict(), "data": url, "storage_options": options, "actor": actor,
+            "loader_workers": args.loader_workers, "mlflow_uri": mlflow_uri, "mlflow_artifacts": artifacts,
+            "experiment": args.experiment, "name": name, "selection": args.selection, "mlflow_parent": mlflow_parent}
+    use_gpu = args.gpus_per_worker > 0
+    resources = {"CPU": args.cpus_per_worker} | ({"GPU": args.gpus_per_worker} if use_gpu else {})
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=args.placement_strategy),
+        run_config=RunConfig(storage_path=_absolute_path(args.storage), name=name,
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
+    )
+
+
+def start_actor(cfg: Config, args: argparse.Namespace) -> Any:
+    from cluster.clustering_actor import create_clustering_actor
+
+    return create_clustering_actor(cfg.cluster, num_shards=cfg.cluster.num_shards,
+                                   num_gpus=min(args.gpus_per_worker, 1.0))
+
+
+def finish(checkpoint: Any, cfg: Config, mlflow_uri: str, experiment: str) -> FinishedRun:
+    """Read the final checkpoint and log the result files (mAP table, PR and training curves) to its MLflow run."""
+    from cluster import tracking
+
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    selected_epoch = state["final"]["selected_epoch"]
+    model = AutoSSVH(cfg)
+    model.load_state_dict(state["best"]["model"] if selected_epoch != state["epoch"] else state["model"])
+    done = FinishedRun(model.eval(), _retrieval_from_state(state["final"]["retrieval"]), selected_epoch,
+                       state["epoch"] + 1, state["mlflow_run_id"], checkpoint.path,
+                       [_record_from_dict(d) for d in state["history"]])
+    with tracking.start_run(mlflow_uri, experiment, run_id=done.mlflow_run_id), \
+            tempfile.TemporaryDirectory() as out:
+        tracking.log_final_artifacts(cfg, done.retrieval, done.history, out)
+    return done
+
+
+def log_and_register(done: FinishedRun, mlflow_uri: str, experiment: str, register: str | None) -> str:
+    """Log the selected model as a pyfunc to its run (and register it with alias candidate); returns its URI."""
+    from cluster import tracking
+
+    with tracking.start_run(mlflow_uri, experiment, run_id=done.mlflow_run_id):
+        return tracking.log_model(done.model, register=register)
+
+
 def run(dataset: str, args: argparse.Namespace) -> int:
     """Train ``dataset`` with Ray Train per ``args`` (see :func:`add_arguments`); returns the exit code."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
@@ -416,33 +498,13 @@ def run(dataset: str, args: argparse.Namespace) -> int:
         log.error("%s", err)
         return 2
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
-
-    from cluster import tracking
-    from cluster.clustering_actor import create_clustering_actor
+    from ray.train import TrainingFailedError
 
     name = args.name or f"{dataset}-{cfg.model.nbits}bits-{cfg.recipe}"
-    mlflow_uri = _absolute_uri(args.mlflow_uri)
-    if mlflow_uri.startswith("sqlite:///"):
-        Path(mlflow_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    artifacts = Path(args.mlflow_artifacts).resolve().as_uri() if "://" not in args.mlflow_artifacts \
-        else args.mlflow_artifacts
+    mlflow_uri, _ = mlflow_locations(args)
     _init_ray(args)
-    use_gpu = args.gpus_per_worker > 0
-    actor = create_clustering_actor(cfg.cluster, num_shards=cfg.cluster.num_shards,
-                                    num_gpus=min(args.gpus_per_worker, 1.0))
-    loop = {"config": cfg.to_dict(), "data": url, "storage_options": options, "actor": actor,
-            "loader_workers": args.loader_workers, "mlflow_uri": mlflow_uri, "mlflow_artifacts": artifacts,
-            "experiment": args.experiment, "name": name, "selection": args.selection}
-    resources = {"CPU": args.cpus_per_worker} | ({"GPU": args.gpus_per_worker} if use_gpu else {})
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop,
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=_absolute_path(args.storage), name=name,
-                             failure_config=FailureConfig(max_failures=args.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    actor = start_actor(cfg, args)
+    trainer = make_trainer(cfg, url, options, args, name, actor)
     log.info("training %s (%s recipe, %d bits, %d epochs) on %d worker(s), run %r in %s", dataset, cfg.recipe,
              cfg.model.nbits, cfg.train.num_epochs, args.workers, name, args.storage)
     start = time.perf_counter()
@@ -459,28 +521,20 @@ def run(dataset: str, args: argparse.Namespace) -> int:
     if result.checkpoint is None:
         log.error("the run ended without a checkpoint")
         return 1
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    selected_epoch = state["final"]["selected_epoch"]
-    retrieval = _retrieval_from_state(state["final"]["retrieval"])
-    model = AutoSSVH(cfg)
-    model.load_state_dict(state["best"]["model"] if selected_epoch != state["epoch"] else state["model"])
-    history = [_record_from_dict(d) for d in state["history"]]
-    with tracking.start_run(mlflow_uri, args.experiment, run_id=state["mlflow_run_id"]) as active, \
-            tempfile.TemporaryDirectory() as out:
-        tracking.log_final_artifacts(cfg, retrieval, history, out)
-        register = args.register or (None if args.data else f"autossvh-{dataset}-synthetic")
-        model_uri = tracking.log_model(model, register=register)
-        run_id = active.info.run_id
-    title = f"{dataset}, {cfg.model.nbits} bits, recipe {cfg.recipe}, epoch {selected_epoch + 1} ({args.selection})"
-    print(retrieval.table(title))
-    print(f"model: {model_uri}\nMLflow run {run_id}: mlflow ui --backend-store-uri {mlflow_uri}")
+    done = finish(result.checkpoint, cfg, mlflow_uri, args.experiment)
+    register = args.register or (None if args.data else f"autossvh-{dataset}-synthetic")
+    model_uri = log_and_register(done, mlflow_uri, args.experiment, register)
+    title = (f"{dataset}, {cfg.model.nbits} bits, recipe {cfg.recipe}, epoch {done.selected_epoch + 1} "
+             f"({args.selection})")
+    print(done.retrieval.table(title))
+    print(f"model: {model_uri}\nMLflow run {done.mlflow_run_id}: mlflow ui --backend-store-uri {mlflow_uri}")
     if args.summary_json is not None:
         summary = {"dataset": dataset, "recipe": cfg.recipe, "nbits": cfg.model.nbits,
-                   "epochs": cfg.train.num_epochs, "epochs_run": state["epoch"] + 1, "selected_epoch": selected_epoch,
-                   "map_at_k": {str(k): v for k, v in retrieval.map_at_k.items()}, "gmap_l2": retrieval.gmap_l2,
-                   "wall_seconds": wall, "mlflow_run_id": run_id, "model_uri": model_uri, "workers": args.workers,
-                   "checkpoint": result.checkpoint.path}
+                   "epochs": cfg.train.num_epochs, "epochs_run": done.epochs_run, "selected_epoch": done.selected_epoch,
+                   "map_at_k": {str(k): v for k, v in done.retrieval.map_at_k.items()},
+                   "gmap_l2": done.retrieval.gmap_l2, "wall_seconds": wall, "mlflow_run_id": done.mlflow_run_id,
+                   "model_uri": model_uri, "workers": args.workers, "worker_nodes": result.metrics.get("worker_nodes"),
+                   "checkpoint": done.checkpoint_path}
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2))
     return 0
