@@ -40,6 +40,7 @@ REDACTED = "***"
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 CANDIDATE_ALIAS = "candidate"
 MODEL_ARTIFACT = "model"
+MODEL_STATE_FILE = "autossvh_model.pt"  # the state dict inside the logged pyfunc's artifacts
 PREDICT_BATCH = 1024
 # Models from code: MLflow stores this script instead of a cloudpickle of the model object, so loading the
 # model runs no pickled code; it imports HashCodeModel from the code paths logged with the model.
@@ -322,7 +323,7 @@ def log_model(model: AutoSSVH, name: str = "model", register: str | None = None)
     package_dir = Path(autossvh.__file__).resolve().parent
     code_paths = [str(package_dir), str(Path(__file__).resolve().parent)]
     with tempfile.TemporaryDirectory() as tmp:
-        state_path = Path(tmp) / "autossvh_model.pt"
+        state_path = Path(tmp) / MODEL_STATE_FILE
         save_model(state_path, model)
         model_code = Path(tmp) / "hash_code_model.py"
         model_code.write_text(MODEL_CODE)

@@ -50,6 +50,7 @@ from autossvh.losses import ClusterTargets
 from autossvh.model import AutoSSVH
 from autossvh.trainer import EpochRecord, epoch_line
 from cluster.cli import add_config_arguments, config_from_args
+from cluster.preflight import check_store_shape, check_training_inputs, per_rank_batch_size, requested_data_shape
 from storage.reader import EvalReader, TrainReader, make_loader
 from storage.schema import stored_split
 from storage.store import FeatureStore, open_store
@@ -123,7 +124,9 @@ def synthetic_store(dataset: str) -> str:
     return url
 
 
-def _init_ray(args: argparse.Namespace) -> None:
+def init_ray(min_cpus: int, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at RAY_ADDRESS (``ray job submit`` sets it), else start a local Ray on 127.0.0.1
+    without the dashboard, with ``num_cpus`` logical CPUs (default: the cores, at least ``min_cpus``)."""
     import ray
 
     if ray.is_initialized():
@@ -135,8 +138,8 @@ def _init_ray(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    num_cpus = args.num_cpus or max(os.cpu_count() or 1, int(args.workers * args.cpus_per_worker) + 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
 # ----- worker side --------------------------------------------------------------------------------------------
@@ -305,7 +308,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if rank == 0:
         run_id = _start_mlflow(loop, cfg, run_id, world)
         _backfill(history, run_id, cfg)
-    per_rank_batch = max(cfg.train.batch_size // world, 2)
+    per_rank_batch = per_rank_batch_size(cfg.train.batch_size, world)
     reader = TrainReader(url, "train", per_rank_batch, rank, world, cfg.train.seed, options, drop_last=True)
     epochs = cfg.train.num_epochs
     start = time.perf_counter()
@@ -406,9 +409,12 @@ def _build(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[st
     else:
         url = synthetic_store(dataset)
         overrides += REDUCED_PRESET
-    info = open_store(url, options).info
-    overrides += [f"data.feature_size={info.feature_dim}", f"data.max_frames={info.max_frames}"]
-    return config_from_args(dataset, args, overrides), url, options
+    store = open_store(url, options)
+    check_store_shape(requested_data_shape(args), store.info, url)
+    overrides += [f"data.feature_size={store.info.feature_dim}", f"data.max_frames={store.info.max_frames}"]
+    cfg = config_from_args(dataset, args, overrides)
+    check_training_inputs(cfg, store, args.workers)
+    return cfg, url, options
 
 
 @dataclass
@@ -502,7 +508,7 @@ def run(dataset: str, args: argparse.Namespace) -> int:
 
     name = args.name or f"{dataset}-{cfg.model.nbits}bits-{cfg.recipe}"
     mlflow_uri, _ = mlflow_locations(args)
-    _init_ray(args)
+    init_ray(int(args.workers * args.cpus_per_worker) + 1, args.num_cpus)
     actor = start_actor(cfg, args)
     trainer = make_trainer(cfg, url, options, args, name, actor)
     log.info("training %s (%s recipe, %d bits, %d epochs) on %d worker(s), run %r in %s", dataset, cfg.recipe,

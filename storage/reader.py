@@ -46,7 +46,7 @@ import ctypes
 import math
 import multiprocessing
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +56,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from storage.store import open_store
+from storage.store import READ_ERRORS, FeatureStore, StoreError, open_store
 
 DEFAULT_SHUFFLE_BUFFER = 16
 DEFAULT_READAHEAD = 4
@@ -149,10 +149,18 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _read_ahead(feats: zarr.Array, ranges: np.ndarray, depth: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(video indices, stored features)`` of each ``[start, stop)`` range in order, ``depth`` reads in flight."""
+def _read_ahead(feats: zarr.Array, ranges: np.ndarray, depth: int,
+                on_error: Callable[[int, int, Exception], Exception] | None = None,
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(video indices, stored features)`` of each ``[start, stop)`` range in order, ``depth`` reads in flight.
+    A codec error (damaged or truncated file) is replaced by ``on_error(start, stop, err)``."""
     def read(lo: int, hi: int) -> np.ndarray:
-        return np.asarray(feats[lo:hi])
+        try:
+            return np.asarray(feats[lo:hi])
+        except READ_ERRORS as err:
+            if on_error is None:
+                raise
+            raise on_error(lo, hi, err) from err
 
     with ThreadPoolExecutor(max_workers=depth) as pool:
         pending: deque[tuple[int, int, Future[np.ndarray]]] = deque()
@@ -218,6 +226,7 @@ class _SplitReader(IterableDataset):
         self.chunk_videos, self.dtype = info.chunk_videos, np.dtype(info.dtype)
         self.frame_shape = (info.max_frames, info.feature_dim)
         self._feats: zarr.Array | None = None
+        self._store: FeatureStore | None = None
 
     @property
     def video_bytes(self) -> int:
@@ -231,11 +240,17 @@ class _SplitReader(IterableDataset):
 
     def _arrays(self) -> zarr.Array:
         if self._feats is None:
-            self._feats = open_store(self.url, self.storage_options).split(self.split).feats
+            self._store = open_store(self.url, self.storage_options)
+            self._feats = self._store.split(self.split).feats
         return self._feats
 
+    def _read_error(self, start: int, stop: int, err: Exception) -> StoreError:
+        """A failed read of videos ``start:stop`` as a :class:`StoreError` naming the store, split and file."""
+        assert self._store is not None
+        return self._store.read_error(self.split, "feats", start, stop, err)
+
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_feats": None}
+        return {**self.__dict__, "_feats": None, "_store": None}
 
 
 class TrainReader(_SplitReader):
@@ -284,22 +299,26 @@ class TrainReader(_SplitReader):
         share = part.take(first * size, min(last * size, part.num_videos))
         if not len(share.segments):
             return
-        chunks = _read_ahead(self._arrays(), share.segments, self.readahead)
+        chunks = _read_ahead(self._arrays(), share.segments, self.readahead, self._read_error)
         buffer = np.empty((self.buffer_videos, *self.frame_shape), self.dtype)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, workers])
         yield from _shuffled_batches(chunks, buffer, size, rng)
 
 
 class EvalReader(_SplitReader):
-    """Ordered batches of rank ``rank``'s contiguous block of ``split`` (:func:`eval_range`), for encoding.
+    """Ordered batches of rank ``rank``'s contiguous block of ``split`` (:func:`eval_range`), or of the videos
+    ``rows = (start, stop)`` when given, for encoding.
 
     A ``batch_size`` that is a multiple of the store's ``chunk_videos`` keeps reads chunk-aligned; otherwise a
     chunk that straddles two batches is read twice."""
 
     def __init__(self, url: str, split: str, batch_size: int = 256, rank: int = 0, world_size: int = 1,
-                 storage_options: dict[str, Any] | None = None, readahead: int = DEFAULT_READAHEAD) -> None:
+                 storage_options: dict[str, Any] | None = None, readahead: int = DEFAULT_READAHEAD,
+                 rows: tuple[int, int] | None = None) -> None:
         super().__init__(url, split, batch_size, rank, world_size, storage_options, readahead)
-        self.start, self.stop = eval_range(self.num_videos, rank, world_size)
+        self.start, self.stop = eval_range(self.num_videos, rank, world_size) if rows is None else rows
+        if not 0 <= self.start <= self.stop <= self.num_videos:
+            raise ValueError(f"rows {self.start}:{self.stop} are outside split {split!r} of {self.num_videos} videos")
 
     def __len__(self) -> int:
         return num_batches(self.stop - self.start, self.batch_size, drop_last=False)
@@ -308,7 +327,7 @@ class EvalReader(_SplitReader):
         worker, workers = _worker()
         starts = self.start + np.arange(worker, len(self), workers, dtype=np.int64) * self.batch_size
         ranges = np.stack([starts, np.minimum(starts + self.batch_size, self.stop)], axis=1)
-        for ids, feats in _read_ahead(self._arrays(), ranges, self.readahead):
+        for ids, feats in _read_ahead(self._arrays(), ranges, self.readahead, self._read_error):
             yield torch.from_numpy(feats).float(), torch.from_numpy(ids)
 
 

@@ -14,6 +14,8 @@ all three. The protocol is part of the attributes, so evaluation reads it instea
 
 A store is created with ``complete = false`` and marked complete only after its last byte is written;
 :func:`open_store` refuses an incomplete store unless asked not to (ingest resumes through that).
+:meth:`FeatureStore.split` checks every array's shape against the attributes; :func:`verify_shards` checks that
+every chunk/shard file of a split is there (zarr reads a missing file as zeros, silently).
 
 Chunking: a chunk holds whole videos (readers never need part of a video) and is the unit a reader fetches;
 shards bundle chunks into files large enough for object stores. The defaults aim at ~4 MiB chunks and
@@ -24,9 +26,12 @@ README's storage section for the measurements behind them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.storage import FsspecStore, LocalStore
@@ -39,6 +44,8 @@ FEATURE_DTYPES = ("float16", "float32")
 TARGET_CHUNK_BYTES = 4 << 20
 MAX_CHUNK_VIDEOS = 64  # keeps shuffling granularity fine when videos are small
 CHUNKS_PER_SHARD = 16
+SHARD_INDEX_ENTRY_BYTES = 16  # offset and length (two uint64) per inner chunk at the end of every shard file
+READ_ERRORS = (ValueError, RuntimeError)  # what zarr's codecs raise on damaged bytes (checksum, zstd frame)
 
 
 class StoreError(ValueError):
@@ -165,12 +172,46 @@ class FeatureStore:
         self.storage_options = storage_options
 
     def split(self, name: str) -> SplitArrays:
+        """The arrays of split ``name``, their shapes checked against the store's attributes."""
         stored = stored_split(self.info.protocol, name)
         try:
             sub = self.group[stored]
-            return SplitArrays(name, stored, sub["feats"], sub["labels"], sub["video_ids"])
+            arrays = SplitArrays(name, stored, sub["feats"], sub["labels"], sub["video_ids"])
         except KeyError as err:
             raise StoreError(f"{self.url}: split {stored!r} is missing its arrays ({err})") from err
+        info, n = self.info, self.info.counts[stored]
+        expected = {"feats": (n, info.max_frames, info.feature_dim), "labels": (n, info.num_classes),
+                    "video_ids": (n,)}
+        for key, shape in expected.items():
+            found = tuple(getattr(arrays, key).shape)
+            if found != shape:
+                raise StoreError(f"{self.url}: split {stored!r}: {key} has shape {found}, expected {shape} (from the "
+                                 f"store's counts[{stored!r}] = {n}, max_frames, feature_dim, num_classes)")
+        return arrays
+
+    def is_labelled(self, name: str) -> bool:
+        """Whether split ``name`` was stored with labels (``sources.labelled``; an unlabelled train split holds
+        zeros, ``sources.train_labelled = false``)."""
+        stored = stored_split(self.info.protocol, name)
+        labelled = self.info.sources.get("labelled")
+        if isinstance(labelled, dict) and stored in labelled:
+            return bool(labelled[stored])
+        return bool(self.info.sources.get("train_labelled", False)) if stored == "train" else True
+
+    def read_error(self, name: str, what: str, start: int, stop: int, err: Exception) -> StoreError:
+        """The error for a failed read of rows ``start:stop`` of ``what`` (feats, labels, video_ids) of split
+        ``name``: damaged bytes in the file that holds them."""
+        stored = stored_split(self.info.protocol, name)
+        array = self.group[stored][what]
+        rows = array.metadata.chunk_grid.chunk_shape[0]
+        files = [f"{stored}/{what}/" + array.metadata.encode_chunk_key((i,) + (0,) * (array.ndim - 1))
+                 for i in range(start // rows, max(start, stop - 1) // rows + 1)]
+        where = f"the file {files[0]} is" if len(files) == 1 else (
+            f"one of the files {', '.join(files)} is" if len(files) <= 3 else
+            f"one of the {len(files)} files {files[0]} ... {files[-1]} is")
+        return StoreError(f"{self.url}: split {stored!r}: cannot read {what} of videos {start}:{stop} "
+                          f"({type(err).__name__}: {err}); {where} damaged or truncated: restore it or re-run the "
+                          "ingest with --overwrite")
 
     def num_videos(self, name: str) -> int:
         return self.info.counts[stored_split(self.info.protocol, name)]
@@ -179,7 +220,61 @@ class FeatureStore:
         """A whole split in memory: features as float32 (N, T, F) and labels (N, C). For small datasets and
         tests; training and evaluation at scale stream through ``storage.reader``."""
         arrays = self.split(name)
-        return np.asarray(arrays.feats[:], dtype=np.float32), np.asarray(arrays.labels[:])
+        try:
+            feats = np.asarray(arrays.feats[:], dtype=np.float32)
+        except READ_ERRORS as err:
+            raise self.read_error(name, "feats", 0, len(arrays), err) from err
+        try:
+            labels = np.asarray(arrays.labels[:])
+        except READ_ERRORS as err:
+            raise self.read_error(name, "labels", 0, len(arrays), err) from err
+        return feats, labels
+
+
+def verify_shards(store: FeatureStore, name: str) -> None:
+    """Check that every chunk or shard file of split ``name`` is there and at least as long as a shard index.
+
+    Zarr reads a missing (or empty) chunk file as fill values, so a deleted shard would train on zeros without an
+    error; this lists the split's files (one listing per array, no data read) and raises :class:`StoreError`
+    naming the store, the split and the files. Labels are checked only for a labelled split (zarr does not write
+    an all-zero chunk). A file truncated after its first bytes fails when it is read (see
+    :meth:`FeatureStore.read_error`).
+    """
+    arrays = store.split(name)
+    local = "://" not in store.url or store.url.startswith("file://")
+    fs, root = fsspec.core.url_to_fs(store.url, **({} if local else store.storage_options or {}))
+    keys = ["feats", "video_ids"] + (["labels"] if store.is_labelled(name) else [])
+    problems: list[str] = []
+    total = 0
+    for key in keys:
+        array: zarr.Array = getattr(arrays, key)
+        folder = f"{root.rstrip('/')}/{arrays.stored_as}/{key}"
+        try:
+            found = fs.find(folder, detail=True)
+        except FileNotFoundError:
+            found = {}
+        sizes = {path[len(folder):].lstrip("/"): info.get("size") for path, info in found.items()
+                 if path.startswith(folder)}
+        outer = array.metadata.chunk_grid.chunk_shape
+        min_bytes = 1
+        if array.shards is not None:
+            min_bytes = SHARD_INDEX_ENTRY_BYTES * math.prod(s // c for s, c in zip(array.shards, array.chunks,
+                                                                                      strict=True))
+        grid = [math.ceil(s / c) for s, c in zip(array.shape, outer, strict=True)]
+        for coords in itertools.product(*map(range, grid)):
+            total += 1
+            file_key = array.metadata.encode_chunk_key(coords)
+            size = sizes.get(file_key)
+            if size is None:
+                problems.append(f"{key}/{file_key} (missing)")
+            elif size < min_bytes:
+                problems.append(f"{key}/{file_key} ({size} bytes, expected at least {min_bytes})")
+    if problems:
+        alias = f" (read as {name!r})" if name != arrays.stored_as else ""
+        shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise StoreError(f"{store.url}: split {arrays.stored_as!r}{alias}: {len(problems)} of {total} chunk/shard "
+                         f"files are missing or truncated: {shown}; zarr would read them as zeros. Restore them or "
+                         "re-run the ingest with --overwrite")
 
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None, require_complete: bool = True,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cluster.retrieval import evaluate_model, load_model_ref
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,8 @@ def test_two_worker_run_logs_checkpoints_and_registers(ray_session, store_url, t
     map5 = {m.step: m.value for m in client.get_metric_history(run_id, "map_at_5")}
     assert summary["selected_epoch"] == max(map5, key=lambda step: (map5[step], -step))  # first best on a tie
     assert summary["map_at_k"]["5"] == pytest.approx(map5[summary["selected_epoch"]], abs=1e-12)
+    selected = load_model_ref(summary["checkpoint"])  # the checkpoint's selected model, as jobs/evaluate.py loads it
+    assert evaluate_model(selected, store_url).map_at_k[5] == pytest.approx(summary["map_at_k"]["5"], abs=1e-12)
     assert epoch_steps(client, run_id, "kmeans_objective_k5") == [1, 2]  # clustering from epoch 1
     params = client.get_run(run_id).data.params
     assert params["world_size"] == "2" and params["model.nbits"] == "16"

@@ -1,0 +1,18 @@
+"""Encode a split of a feature store into a code store (packed codes, video ids, labels) with Ray workers.
+
+    python jobs/encode.py --model models:/autossvh-fcvid-synthetic@candidate --data runs/data/fcvid-synthetic \\
+        --split database --out runs/codes/fcvid
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.encode import add_arguments, main  # noqa: E402
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    raise SystemExit(main(parser.parse_args()))

@@ -1,0 +1,350 @@
+"""Bad input to a training run: every case fails with an error naming the key, split or file, before Ray starts.
+
+Covered elsewhere and only referenced here: NaN/Inf and float16 overflow in ingested files
+(``test_ingest.py::test_bad_input_is_refused_and_never_looks_complete[nan|inf|overflow]``,
+``test_ingest.py::test_the_job_exits_with_2_on_bad_input``), ``model.nbits`` not a multiple of 8
+(``test_config.py::test_bad_values_name_the_key[model.nbits=12]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytest
+import zarr
+
+import storage.synthetic as synthetic
+from autossvh.config import Config, build_config
+from cluster.preflight import (
+    PreflightError,
+    check_store_shape,
+    check_training_inputs,
+    requested_data_shape,
+)
+from storage.reader import EvalReader, TrainReader
+from storage.store import IncompleteStoreError, StoreError, open_store, verify_shards
+from storage.synthetic_store import write_synthetic
+from storage.writer import SourceError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_VIDEOS = 40  # ucf101-like: train 40 (also the database), query 16
+SHAPE = ["data.feature_size=16", "data.max_frames=8", "model.encoder_depth=1", "train.batch_size=8",
+         "cluster.num_cluster=[3, 5]", "cluster.warmup_epoch=0", "train.num_epochs=2"]
+
+
+def _write(url: Path, like: str) -> None:
+    write_synthetic(str(url), like, TRAIN_VIDEOS, feature_dim=16, max_frames=8, num_classes=8, seed=1,
+                    chunk_videos=4, shard_videos=8)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pristine")
+    for like in ("ucf101", "fcvid"):
+        _write(root / like, like)
+    return {"ucf101": root / "ucf101", "fcvid": root / "fcvid"}
+
+
+@pytest.fixture
+def store_path(tmp_path: Path, pristine: dict[str, Path]) -> Path:
+    """A fresh copy of the ucf101-like store (5 train shard files of 8 videos, 2 chunks each) to tamper with."""
+    path = tmp_path / "store"
+    shutil.copytree(pristine["ucf101"], path)
+    return path
+
+
+def config(*overrides: str) -> Config:
+    return build_config("ucf101", overrides=[*SHAPE, *overrides])
+
+
+def set_attrs(path: Path, **changes: Any) -> None:
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["autossvh"] = {**dict(group.attrs["autossvh"]), **changes}
+
+
+def preflight(path: Path, *overrides: str, world_size: int = 2) -> None:
+    check_training_inputs(config(*overrides), open_store(str(path)), world_size)
+
+
+def test_a_pristine_store_passes(store_path: Path) -> None:
+    preflight(store_path)
+
+
+# ----- frames / features of the store against the config --------------------------------------------------------
+
+
+def _args(*overrides: str, config_file: Path | None = None) -> argparse.Namespace:
+    return argparse.Namespace(config=config_file, overrides=list(overrides))
+
+
+def test_explicit_feature_size_or_frames_differing_from_the_store_are_refused(store_path: Path,
+                                                                             tmp_path: Path) -> None:
+    info = open_store(str(store_path)).info
+    with pytest.raises(PreflightError) as err:
+        check_store_shape(requested_data_shape(_args("data.feature_size=512")), info, str(store_path))
+    assert "data.feature_size=512 from the config" in str(err.value) and "F=16" in str(err.value)
+    assert str(store_path) in str(err.value)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("data:\n  max_frames: 25\n")
+    with pytest.raises(PreflightError, match=r"data.max_frames=25 from the config.*T=8 frames"):
+        check_store_shape(requested_data_shape(_args(config_file=yaml_file)), info, str(store_path))
+    # Not set, or set to the store's values: the store's values are used.
+    check_store_shape(requested_data_shape(_args("train.lr=1e-3")), info, str(store_path))
+    check_store_shape(requested_data_shape(_args("data.feature_size=16", "data.max_frames=8")), info,
+                      str(store_path))
+    # The final config is compared too (a --set applied after the store's values).
+    with pytest.raises(PreflightError, match="data.feature_size=32"):
+        preflight(store_path, "data.feature_size=32")
+
+
+# ----- empty splits, array shapes ---------------------------------------------------------------------------------
+
+
+def test_an_empty_split_is_refused(store_path: Path) -> None:
+    set_attrs(store_path, counts={"train": TRAIN_VIDEOS, "query": 0})
+    with pytest.raises(StoreError, match="split 'query' is empty"):
+        open_store(str(store_path))
+
+
+def test_a_split_whose_arrays_hold_no_videos_is_refused(store_path: Path) -> None:
+    zarr.open_array(str(store_path / "query" / "feats"), mode="r+").resize((0, 8, 16))
+    with pytest.raises(StoreError, match=r"split 'query': feats has shape \(0, 8, 16\), expected \(16, 8, 16\)"):
+        preflight(store_path)
+
+
+@pytest.mark.parametrize(("array", "shape", "fragment"), [
+    ("labels", (15, 8), r"split 'query': labels has shape \(15, 8\), expected \(16, 8\)"),
+    ("video_ids", (17,), r"split 'query': video_ids has shape \(17,\), expected \(16,\)"),
+    ("feats", (15, 8, 16), r"split 'query': feats has shape \(15, 8, 16\), expected \(16, 8, 16\)"),
+])
+def test_row_counts_that_disagree_are_refused(store_path: Path, array: str, shape: tuple[int, ...],
+                                              fragment: str) -> None:
+    zarr.open_array(str(store_path / "query" / array), mode="r+").resize(shape)
+    with pytest.raises(StoreError, match=fragment):
+        preflight(store_path)
+    with pytest.raises(StoreError, match=fragment):
+        EvalReader(str(store_path), "query").__iter__().__next__()
+
+
+# ----- labels evaluation needs ------------------------------------------------------------------------------------
+
+
+def test_eval_labels_missing_or_empty_are_refused(store_path: Path) -> None:
+    labels = zarr.open_array(str(store_path / "query" / "labels"), mode="r+")
+    labels[3] = 0
+    labels[11] = 0
+    with pytest.raises(StoreError) as err:
+        preflight(store_path)
+    message = str(err.value)
+    assert "2 of 16 videos of the query split have no label" in message
+    assert "video 3, id 'query_000003'" in message and str(store_path) in message
+    shutil.rmtree(store_path / "query" / "labels")
+    with pytest.raises(StoreError, match="split 'query' is missing its arrays"):
+        preflight(store_path)
+
+
+def test_an_unlabelled_train_split_is_refused_only_where_it_is_the_database(store_path: Path,
+                                                                            pristine: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    info = open_store(str(store_path)).info
+    unlabelled = {**info.sources, "labelled": {"train": False, "query": True}, "train_labelled": False}
+    set_attrs(store_path, sources=unlabelled)
+    with pytest.raises(StoreError, match=r"the database split \('train'\) was stored without labels"):
+        preflight(store_path)
+    fcvid = tmp_path / "fcvid"  # query_is_database: the train split is never evaluated
+    shutil.copytree(pristine["fcvid"], fcvid)
+    shutil.rmtree(fcvid / "train" / "labels" / "c")  # zeros, as an unlabelled ingest stores them
+    info = open_store(str(fcvid)).info
+    set_attrs(fcvid, sources={**info.sources, "labelled": {"train": False, "database": True},
+                              "train_labelled": False})
+    check_training_inputs(build_config("fcvid", overrides=SHAPE), open_store(str(fcvid)), 2)
+
+
+# ----- config against the size of the train split ----------------------------------------------------------------
+
+
+def test_a_batch_larger_than_the_train_split_is_refused(store_path: Path) -> None:
+    with pytest.raises(PreflightError) as err:
+        preflight(store_path, "train.batch_size=64", world_size=2)
+    message = str(err.value)
+    assert "train.batch_size=64" in message and f"has {TRAIN_VIDEOS} videos" in message
+    assert "2 worker(s)" in message and "use train.batch_size <= 40" in message
+    preflight(store_path, "train.batch_size=40", world_size=2)  # 20 per worker: one step per epoch
+    with pytest.raises(PreflightError, match="64 worker"):
+        preflight(store_path, "train.batch_size=128", world_size=64)  # more workers than videos
+
+
+def test_more_clusters_than_train_videos_are_refused(store_path: Path) -> None:
+    with pytest.raises(PreflightError) as err:
+        preflight(store_path, "cluster.num_cluster=[8, 50]")
+    assert "cluster.num_cluster=[8, 50]" in str(err.value) and f"has {TRAIN_VIDEOS} videos" in str(err.value)
+    preflight(store_path, "cluster.num_cluster=[8, 50]", "loss.p2set=false")  # no clustering
+    preflight(store_path, "cluster.num_cluster=[8, 50]", "cluster.warmup_epoch=2")  # never reached in 2 epochs
+
+
+# ----- NaN / Inf features -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_the_synthetic_writer_refuses_non_finite_features(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          bad: float) -> None:
+    real = synthetic.SyntheticGenerator.generate
+
+    def poisoned(self: synthetic.SyntheticGenerator, split: str, start: int = 0, stop: int | None = None) -> Any:
+        out = real(self, split, start, stop)
+        if split == "train" and start <= 13 < (stop or TRAIN_VIDEOS):
+            out.feats[13 - start, 2, 5] = bad
+        return out
+
+    monkeypatch.setattr(synthetic.SyntheticGenerator, "generate", poisoned)
+    url = tmp_path / "store"
+    with pytest.raises(SourceError, match=r"video 13 \(split 'train'\) has NaN or Inf features.*left incomplete"):
+        _write(url, "ucf101")
+    with pytest.raises(IncompleteStoreError):
+        open_store(str(url))
+
+
+# ----- missing or truncated shard files ---------------------------------------------------------------------------
+
+
+SHARD = Path("train", "feats", "c", "2", "0", "0")  # videos 16:24
+
+
+def test_a_missing_shard_file_is_refused_instead_of_read_as_zeros(store_path: Path) -> None:
+    (store_path / SHARD).unlink()
+    store = open_store(str(store_path))
+    assert not np.asarray(store.split("train").feats[16:24]).any()  # what zarr does: zeros, no error
+    with pytest.raises(StoreError) as err:
+        preflight(store_path)
+    message = str(err.value)
+    assert str(store_path) in message and "split 'train'" in message
+    assert "1 of 15 chunk/shard files" in message and "feats/c/2/0/0 (missing)" in message
+
+
+def test_empty_or_missing_files_of_every_array_are_named(store_path: Path) -> None:
+    (store_path / SHARD).write_bytes(b"")
+    (store_path / "train" / "video_ids" / "c" / "4").unlink()
+    (store_path / "query" / "labels" / "c" / "1" / "0").unlink()
+    store = open_store(str(store_path))
+    with pytest.raises(StoreError, match=r"feats/c/2/0/0 \(0 bytes, expected at least 32\).*video_ids/c/4 \(missing"):
+        verify_shards(store, "train")
+    with pytest.raises(StoreError, match=r"split 'train' \(read as 'database'\)"):
+        verify_shards(store, "database")
+    with pytest.raises(StoreError, match=r"split 'query'.*labels/c/1/0 \(missing\)"):
+        verify_shards(store, "query")
+
+
+def test_a_missing_shard_on_an_fsspec_url_is_refused() -> None:
+    url = f"memory://bad-input-{os.getpid()}"
+    store = write_synthetic(url, "ucf101", TRAIN_VIDEOS, feature_dim=16, max_frames=8, num_classes=8, seed=1,
+                            chunk_videos=4, shard_videos=8)
+    verify_shards(store, "train")
+    fs = fsspec.filesystem("memory")
+    root = url.removeprefix("memory:/")
+    try:
+        fs.rm(f"{root}/train/feats/c/3/0/0")
+        with pytest.raises(StoreError, match=r"feats/c/3/0/0 \(missing\)"):
+            verify_shards(open_store(url), "train")
+    finally:
+        fs.rm(root, recursive=True)
+
+
+def test_a_truncated_shard_file_fails_its_read_naming_store_split_and_file(store_path: Path) -> None:
+    size = (store_path / SHARD).stat().st_size
+    os.truncate(store_path / SHARD, size // 2)
+    store = open_store(str(store_path))
+    verify_shards(store, "train")  # long enough to look whole from a listing; the read finds it
+    fragments = [str(store_path), "split 'train'", "train/feats/c/2/0/0", "damaged or truncated"]
+    with pytest.raises(StoreError) as err:
+        list(EvalReader(str(store_path), "train", batch_size=8))
+    assert all(f in str(err.value) for f in fragments) and "videos 16:24" in str(err.value)
+    reader = TrainReader(str(store_path), "train", batch_size=8, world_size=1, seed=0)
+    with pytest.raises(StoreError) as err:
+        list(reader)
+    assert all(f in str(err.value) for f in fragments)
+    with pytest.raises(StoreError, match="one of the 5 files train/feats/c/0/0/0 ... train/feats/c/4/0/0"):
+        store.load("train")
+    os.truncate(store_path / SHARD, 10)  # shorter than its own index: the listing finds it
+    with pytest.raises(StoreError, match=r"feats/c/2/0/0 \(10 bytes"):
+        preflight(store_path)
+
+
+def test_a_truncated_labels_file_is_named(store_path: Path) -> None:
+    os.truncate(store_path / "query" / "labels" / "c" / "1" / "0", 5)
+    with pytest.raises(StoreError, match=r"split 'query': cannot read labels.*query/labels/c/1/0"):
+        preflight(store_path)
+
+
+# ----- incomplete ingest ------------------------------------------------------------------------------------------
+
+
+def test_an_incomplete_store_is_refused(store_path: Path) -> None:
+    set_attrs(store_path, complete=False)
+    with pytest.raises(IncompleteStoreError, match="incomplete.*re-run the same ingest command"):
+        open_store(str(store_path))
+
+
+# ----- the job: exit status 2, the message, nothing started -------------------------------------------------------
+
+
+def run_job(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    tic = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train_ucf101.py"), "--storage", str(tmp_path / "ray"),
+         "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--mlflow-artifacts", str(tmp_path / "mlartifacts"),
+         "--summary-json", str(tmp_path / "summary.json"), *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return proc, time.perf_counter() - tic
+
+
+def assert_refused(tmp_path: Path, proc: subprocess.CompletedProcess, seconds: float, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in proc.stderr
+    assert "Ray" not in proc.stderr and seconds < 30
+    for output in ("ray", "mlflow.db", "mlartifacts", "summary.json"):
+        assert not (tmp_path / output).exists()
+
+
+def test_the_job_refuses_an_incomplete_store(store_path: Path, tmp_path: Path) -> None:
+    set_attrs(store_path, complete=False)
+    proc, seconds = run_job(tmp_path, "--data", str(store_path))
+    assert_refused(tmp_path, proc, seconds, f"{store_path}: the store is incomplete")
+
+
+def test_the_job_refuses_bits_not_a_multiple_of_8(store_path: Path, tmp_path: Path) -> None:
+    proc, seconds = run_job(tmp_path, "--data", str(store_path), "--bits", "12")
+    assert_refused(tmp_path, proc, seconds, "model.nbits: 12", "multiple of 8")
+
+
+def _preflight_wired() -> bool:
+    return "check_training_inputs" in (ROOT / "cluster" / "train.py").read_text()
+
+
+@pytest.mark.skipif(not _preflight_wired(), reason="cluster.train does not call cluster.preflight yet")
+@pytest.mark.parametrize(("tamper", "args", "fragments"), [
+    (None, ["--set", "data.feature_size=512"], ["data.feature_size=512 from the config", "F=16"]),
+    (None, ["--set", "train.batch_size=512"], ["train.batch_size=512", "40 videos"]),
+    (None, ["--set", "cluster.num_cluster=[8, 50]", "--set", "cluster.warmup_epoch=0"], ["cluster.num_cluster"]),
+    ("delete", [], ["split 'train'", "feats/c/2/0/0 (missing)"]),
+    ("labels", [], ["videos of the query split have no label"]),
+], ids=["feature-size", "batch-size", "clusters", "missing-shard", "unlabelled-queries"])
+def test_the_job_refuses_bad_input_before_ray(store_path: Path, tmp_path: Path, tamper: str | None,
+                                              args: list[str], fragments: list[str]) -> None:
+    if tamper == "delete":
+        (store_path / SHARD).unlink()
+    elif tamper == "labels":
+        zarr.open_array(str(store_path / "query" / "labels"), mode="r+")[0] = 0
+    fits = ["--set", "train.batch_size=8", "--set", "cluster.num_cluster=[3, 5]"]  # the store's size
+    proc, seconds = run_job(tmp_path, "--data", str(store_path), "--workers", "2", *fits, *args)
+    assert_refused(tmp_path, proc, seconds, *fragments)
+
