@@ -1,0 +1,173 @@
+"""Search a code store: the nearest stored videos of a stored video, or of new videos encoded by a model.
+
+``jobs/search.py`` is argument parsing plus :func:`main`. A query is either a stored video's code
+(``--query ID``; the video itself comes back at distance 0, as the evaluation protocol counts the self-match)
+or the codes that an MLflow model (``--model models:/NAME@ALIAS`` or ``runs:/...``, the pyfunc of
+``cluster.tracking.log_model``) computes from a ``.npy`` file of frame features (``--features``).
+Ranking and index kinds are :mod:`autossvh.search`'s: ascending Hamming distance, then ascending store row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from autossvh.search import INDEX_KINDS, HammingIndex, IndexKind
+from storage.codes import CodeStore, open_code_store
+from storage.writer import SourceError, run_job, storage_options_from
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved video. ``labels`` are its class indices, or None when the store holds no labels."""
+
+    rank: int
+    video_id: str
+    distance: int
+    labels: list[int] | None
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The hits of one query, named by its video id or by ``FILE[i]`` for features."""
+
+    query: str
+    hits: list[Hit]
+
+
+def search_codes(store: CodeStore, queries: np.ndarray, names: Sequence[str], k: int,
+                 kind: IndexKind = "auto") -> list[QueryResult]:
+    """The ``k`` nearest stored videos of each packed query code (Q, nbits / 8) uint8, one result per name."""
+    if queries.ndim != 2 or queries.shape[1] != store.info.nbytes:
+        raise SourceError(f"the queries are {queries.shape[-1] * 8}-bit codes, the code store {store.url} holds "
+                          f"{store.info.nbits}-bit codes")
+    began = time.perf_counter()
+    index = HammingIndex(store.codes, kind)
+    distances, rows = index.search(queries, k)
+    log.info("searched %d queries against %d codes (%s index) in %.3f s", len(queries), len(index), index.kind,
+             time.perf_counter() - began)
+    labels = store.labels
+    results = []
+    for name, query_distances, query_rows in zip(names, distances, rows, strict=True):
+        hits = [Hit(rank=rank, video_id=str(store.video_ids[row]), distance=int(distance),
+                    labels=None if labels is None else np.flatnonzero(labels[row]).tolist())
+                for rank, (distance, row) in enumerate(zip(query_distances, query_rows, strict=True), start=1)
+                if row >= 0]
+        results.append(QueryResult(name, hits))
+    return results
+
+
+def load_features(path: Path) -> np.ndarray:
+    """Frame features from a ``.npy`` file as float32 (N, T, F); one video (T, F) becomes N = 1."""
+    try:
+        feats = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise SourceError(f"--features {path}: cannot read it as a .npy array ({err})") from err
+    if feats.ndim == 2:
+        feats = feats[None]
+    if feats.ndim != 3 or 0 in feats.shape or not np.issubdtype(feats.dtype, np.floating):
+        raise SourceError(f"--features {path}: expected float frame features (T, F) or (N, T, F), got "
+                          f"{feats.dtype} of shape {feats.shape}")
+    if not np.isfinite(feats).all():
+        raise SourceError(f"--features {path}: holds NaN or Inf")
+    return feats.astype(np.float32, copy=False)
+
+
+def model_codes(model_uri: str, feats: np.ndarray, tracking_uri: str) -> np.ndarray:
+    """Packed codes (N, nbits / 8) uint8 of features (N, T, F) from the MLflow pyfunc at ``model_uri``."""
+    # MLflow (and the model's torch) take seconds to import: only this path needs them.
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    from cluster.tracking import TrackingError, check_reachable, redact_url
+
+    try:
+        check_reachable(tracking_uri)
+    except TrackingError as err:
+        raise SourceError(str(err)) from None
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        codes = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(feats))
+    except (MlflowException, OSError) as err:
+        raise SourceError(f"--model {model_uri} (tracking URI {redact_url(tracking_uri)}): {err}") from None
+    if codes.dtype != np.uint8 or codes.shape[:1] != feats.shape[:1] or codes.ndim != 2:
+        raise SourceError(f"--model {model_uri}: expected packed uint8 codes of shape ({len(feats)}, nbits / 8), "
+                          f"got {codes.dtype} of shape {codes.shape}")
+    return codes
+
+
+def format_table(results: Sequence[QueryResult], store: CodeStore) -> str:
+    """One block per query: a header line, then rank, video id, Hamming distance and (when the store has
+    labels) the class indices."""
+    with_labels = store.labels is not None
+    lines = []
+    for result in results:
+        lines.append(f"query {result.query}: {len(result.hits)} nearest of {len(store)} {store.info.nbits}-bit "
+                     f"codes in {store.url}")
+        width = max([len("video id"), *(len(hit.video_id) for hit in result.hits)])
+        lines.append(f"{'rank':>5}  {'video id':<{width}}  {'distance':>8}" + ("  labels" if with_labels else ""))
+        for hit in result.hits:
+            row = f"{hit.rank:>5}  {hit.video_id:<{width}}  {hit.distance:>8}"
+            if hit.labels is not None:
+                row += "  " + (",".join(map(str, hit.labels)) or "-")
+            lines.append(row)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--codes", required=True, help="code store URL: a path, file://, s3://, gs://, memory://")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("--query", action="append", metavar="VIDEO_ID",
+                       help="search with this stored video's code (repeatable)")
+    query.add_argument("--features", type=Path, metavar="FILE.npy",
+                       help="search with the codes --model computes from these frame features, (T, F) or (N, T, F)")
+    parser.add_argument("--model", help="MLflow model URI for --features: models:/NAME@ALIAS or runs:/RUN/model")
+    parser.add_argument("--mlflow-uri", default="sqlite:///runs/mlflow.db",
+                        help="MLflow tracking URI that holds --model")
+    parser.add_argument("--top-k", type=int, default=10, help="results per query (all stored videos at most)")
+    parser.add_argument("--index", choices=INDEX_KINDS, default="auto",
+                        help="flat: exact; multihash: hashed, approximate; auto: flat up to 1,000,000 codes")
+    parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
+                        metavar="KEY=VALUE", help="fsspec option for --codes, repeatable; VALUE is parsed as JSON "
+                        "when it can be")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+
+def run_search(args: argparse.Namespace) -> list[QueryResult]:
+    """Open the store, build the query codes, search and print the results."""
+    if args.top_k < 1:
+        raise SourceError(f"--top-k must be >= 1, got {args.top_k}")
+    if (args.features is not None) != bool(args.model):
+        raise SourceError("--features needs --model, the MLflow model that encodes them" if args.model is None
+                          else "--model applies only to --features (a --query is already a stored code)")
+    store = open_code_store(args.codes, storage_options_from(args.storage_options))
+    log.info("%s: %d codes of %d bits (dataset %r, split %r, model %r)", store.url, len(store), store.info.nbits,
+             store.info.dataset, store.info.split, store.info.model)
+    if args.query:
+        names = list(args.query)
+        queries = store.codes[[store.index_of(video_id) for video_id in names]]
+    else:
+        feats = load_features(args.features)
+        names = [f"{args.features.name}[{i}]" for i in range(len(feats))]
+        queries = model_codes(args.model, feats, args.mlflow_uri)
+    results = search_codes(store, queries, names, args.top_k, args.index)
+    if args.json:
+        print(json.dumps([asdict(result) for result in results], indent=2))
+    else:
+        print(format_table(results, store), end="")
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    """The ``jobs/search.py`` job; exit status 2 on bad arguments, an unknown video id or a store error."""
+    return run_job(lambda: run_search(args))

@@ -1,0 +1,205 @@
+"""Hyperparameter sweeps: Ray Tune over the Ray Train entry (``jobs/tune.py``).
+
+Each trial is a Tune function that builds and fits its own ``TorchTrainer`` (the Ray Train V2 pattern) with
+``cluster.train.make_trainer``; ``TuneReportCallback`` forwards rank 0's per-epoch reports to Tune. ASHA stops
+weak trials early on the validation ``map_at_5`` (``time_attr="epoch"``, ``--grace-period``, reduction factor 2);
+Optuna's TPE sampler (seeded by ``--seed``) proposes the configurations.
+
+Search space (the rest of the config is the preset with ``--recipe``/``--config``/``--set``)::
+
+    train.lr                     log-uniform [1e-5, 1e-3]
+    loss.a                       uniform [0.1, 2.0]      view-contrastive weight
+    loss.b                       uniform [0.05, 1.0]     P2Set weight
+    sampler.mask_prob            uniform [0.3, 0.8]      share of frames each view hides (mask ratio)
+    cluster.kmeans_temperature   log-uniform [0.05, 1.0]
+    sampler.gumbel_noise_scale   log-uniform [0.5, 20]
+    cluster_scale                one of 0.5, 1, 1.5, 2: cluster.num_cluster = the preset's counts x scale
+
+Validation, never the test queries: trials train and are scored on a store carved once from the training split
+(``storage.validation``; ``--val-fraction`` of the training chunks become the queries, the rest is both the
+training set and the database), stored under ``<--storage>/validation/``. The test split is not read by a sweep.
+
+Resources: each trial runs ``--workers`` Train workers of ``--cpus-per-worker`` CPUs and ``--gpus-per-worker``
+GPUs (default: 1 when the cluster has GPUs, else 0), plus a 1-CPU trial driver. ``--max-concurrent`` defaults to
+as many trials as the cluster's GPUs (or CPUs) hold.
+
+MLflow: one parent run for the sweep (its config, search space and the best trial's scores) with one child run
+per trial (params, per-epoch metrics, result files). The best finished trial's selected model is logged to its
+child run and registered under ``--register`` (default ``autossvh-<dataset>-sweep``) with alias ``candidate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from autossvh.config import Config, set_value
+from autossvh.engine import config_from_dict
+from cluster import tracking
+from cluster.preflight import check_training_inputs
+from cluster.train import (
+    LOG_FORMAT,
+    _absolute_path,
+    _build,
+    finish,
+    init_ray,
+    log_and_register,
+    make_trainer,
+    mlflow_locations,
+    start_actor,
+)
+from cluster.train import add_arguments as add_train_arguments
+from storage.validation import carve_validation_store
+
+log = logging.getLogger(__name__)
+
+METRIC = "map_at_5"
+CLUSTER_SCALES = (0.5, 1.0, 1.5, 2.0)
+
+
+def search_space() -> dict[str, Any]:
+    from ray import tune
+
+    return {
+        "train.lr": tune.loguniform(1e-5, 1e-3),
+        "loss.a": tune.uniform(0.1, 2.0),
+        "loss.b": tune.uniform(0.05, 1.0),
+        "sampler.mask_prob": tune.uniform(0.3, 0.8),
+        "cluster.kmeans_temperature": tune.loguniform(0.05, 1.0),
+        "sampler.gumbel_noise_scale": tune.loguniform(0.5, 20.0),
+        "cluster_scale": tune.choice(list(CLUSTER_SCALES)),
+    }
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    """The base config with one trial's sampled values; ``cluster_scale`` scales every granularity."""
+    cfg = config_from_dict(base)
+    for key, value in params.items():
+        if key == "cluster_scale":
+            set_value(cfg, "cluster.num_cluster", [max(2, round(k * value)) for k in cfg.cluster.num_cluster])
+        else:
+            set_value(cfg, key, value)
+    return cfg.validate()
+
+
+def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """One trial: a TorchTrainer on the validation store, its epochs forwarded to Tune."""
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+    cfg = trial_config(sweep["config"], params)
+    args = argparse.Namespace(**sweep["args"])
+    name = f"{sweep['name']}-{tune.get_context().get_trial_id()}"
+    actor = start_actor(cfg, args)
+    try:
+        trainer = make_trainer(cfg, sweep["data"], sweep["options"], args, name, actor,
+                               callbacks=[TuneReportCallback()], mlflow_parent=sweep["parent_run_id"])
+        result = trainer.fit()
+    finally:
+        ray.kill(actor)
+    mlflow_uri, _ = mlflow_locations(args)
+    finish(result.checkpoint, cfg, mlflow_uri, args.experiment)
+
+
+def trial_resources(args: argparse.Namespace, cluster: dict[str, float]) -> tuple[float, int]:
+    """GPUs per worker (given, or 1 on a cluster with GPUs) and the trials the cluster runs at once."""
+    gpus = args.gpus_per_worker if args.gpus_per_worker > 0 else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
+    if gpus > 0:
+        fits = math.floor(cluster.get("GPU", 0) / (gpus * args.workers))
+    else:
+        fits = math.floor(cluster.get("CPU", 1) / (args.cpus_per_worker * args.workers + 1))
+    return gpus, max(1, fits)
+
+
+def run_sweep(dataset: str, args: argparse.Namespace) -> int:
+    """The sweep per ``args`` (see :func:`add_arguments`); returns the exit code."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    name = args.name or f"{dataset}-sweep"
+    try:
+        args.overrides = [*args.overrides, "train.eval_every=1"]  # ASHA reads the validation mAP every epoch
+        cfg, url, options = _build(dataset, args)
+        storage = _absolute_path(args.storage)
+        val_url = f"{storage.rstrip('/')}/validation/{dataset}-{name}-f{args.val_fraction}-s{args.seed}"
+        store = carve_validation_store(url, val_url, args.val_fraction, args.seed, options)
+        check_training_inputs(cfg, store, args.workers)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    import optuna
+
+    init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus)
+    args.gpus_per_worker, fits = trial_resources(args, ray.cluster_resources())
+    concurrent = args.max_concurrent or min(fits, args.trials)
+    mlflow_uri, artifacts = mlflow_locations(args)
+    with tracking.start_run(mlflow_uri, args.experiment, run_name=name, artifact_location=artifacts) as parent:
+        tracking.log_config(cfg, {"data": url, "validation_data": val_url, "storage_options": options,
+                                  "trials": args.trials, "max_concurrent": concurrent, "sweep": True})
+        parent_run_id = parent.info.run_id
+    trial_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    sweep = {"config": cfg.to_dict(), "args": trial_args, "data": val_url, "options": options, "name": name,
+             "parent_run_id": parent_run_id}
+    log.info("sweep %r: %d trials, %d at a time, %d worker(s) x %.3g GPU each, validation store %s", name,
+             args.trials, concurrent, args.workers, args.gpus_per_worker, val_url)
+    tuner = tune.Tuner(
+        tune.with_parameters(_trial, sweep=sweep),
+        param_space=search_space(),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", num_samples=args.trials, max_concurrent_trials=concurrent,
+            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=args.seed)),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.train.num_epochs,
+                                    grace_period=min(args.grace_period, cfg.train.num_epochs), reduction_factor=2),
+        ),
+        run_config=tune.RunConfig(storage_path=storage, name=name),
+    )
+    grid = tuner.fit()
+    finished = [r for r in grid if r.error is None and r.metrics and r.metrics.get("selected_epoch") is not None]
+    if not finished:
+        log.error("no trial finished (%d errored); see the trial logs under %s/%s", grid.num_errors, storage, name)
+        return 1
+    best = max(finished, key=lambda r: r.metrics[METRIC])
+    best_cfg = trial_config(cfg.to_dict(), {k: best.config[k] for k in search_space()})
+    from ray.train import Checkpoint
+
+    done = finish(Checkpoint(best.metrics["checkpoint_path"]), best_cfg, mlflow_uri, args.experiment)
+    register = args.register or f"autossvh-{dataset}-sweep"
+    model_uri = log_and_register(done, mlflow_uri, args.experiment, register)
+    with tracking.start_run(mlflow_uri, args.experiment, run_id=parent_run_id):
+        import mlflow
+
+        mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items() if k.startswith("map_at_")})
+        mlflow.set_tags({"best_trial_run_id": done.mlflow_run_id, "best_model_uri": model_uri})
+        mlflow.log_dict({k: best.config[k] for k in search_space()}, "best_params.json")
+    print(done.retrieval.table(f"sweep {name}: best of {len(finished)} finished trials (validation queries)"))
+    print(f"best params: {json.dumps({k: best.config[k] for k in search_space()})}")
+    print(f"model: {model_uri}\nMLflow parent run {parent_run_id}: mlflow ui --backend-store-uri {mlflow_uri}")
+    if args.summary_json is not None:
+        summary = {"dataset": dataset, "trials": args.trials, "finished": len(finished), "errored": grid.num_errors,
+                   "max_concurrent": concurrent, "best_params": {k: best.config[k] for k in search_space()},
+                   "best_map_at_k": {str(k): v for k, v in done.retrieval.map_at_k.items()},
+                   "parent_run_id": parent_run_id, "best_run_id": done.mlflow_run_id, "model_uri": model_uri,
+                   "validation_data": val_url}
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_train_arguments(parser)
+    parser.add_argument("--dataset", required=True, choices=["activitynet", "fcvid", "ucf101", "hmdb51"])
+    parser.add_argument("--trials", type=int, default=8, help="configurations to try")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster holds)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of training chunks held out")
+    parser.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
+    parser.add_argument("--seed", type=int, default=0, help="Optuna sampler and validation split seed")
+    parser.set_defaults(workers=1, name=None)

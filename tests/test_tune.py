@@ -1,0 +1,83 @@
+"""A tiny sweep end to end: Ray Tune trials that each fit a TorchTrainer on a validation store carved from the
+training split, ASHA + Optuna, MLflow parent and child runs, the best model registered as candidate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from storage.store import open_store
+from storage.synthetic_store import write_synthetic
+from storage.validation import carve_validation_store, held_out_rows
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("tune") / "ucf101-tiny")
+    write_synthetic(url, "ucf101", 160, feature_dim=16, max_frames=8, num_classes=8, seed=2, chunk_videos=8)
+    return url
+
+
+def test_validation_store_holds_out_whole_chunks_of_train_only(store_url, tmp_path):
+    source = open_store(store_url)
+    carved = carve_validation_store(store_url, str(tmp_path / "val"), fraction=0.25, seed=1)
+    held = held_out_rows(160, 8, 0.25, 1)
+    assert carved.info.protocol == "database_is_train" and len(held) == 40 and len(held) % 8 == 0
+    assert carved.num_videos("query") == 40 and carved.num_videos("train") == 120
+    train_ids = np.asarray(source.split("train").video_ids[:]).astype(object).astype(str)
+    query_ids = set(np.asarray(carved.split("query").video_ids[:]).astype(object).astype(str))
+    kept_ids = set(np.asarray(carved.split("train").video_ids[:]).astype(object).astype(str))
+    assert query_ids == set(train_ids[held]) and not query_ids & kept_ids
+    assert query_ids | kept_ids == set(train_ids)  # nothing from the test queries
+    feats, labels = carved.load("query")
+    src_feats, src_labels = source.load("train")
+    assert np.array_equal(feats, src_feats[held]) and np.array_equal(labels, src_labels[held])
+    again = carve_validation_store(store_url, str(tmp_path / "val"), fraction=0.25, seed=1)  # found, not rewritten
+    assert again.info.sources == carved.info.sources
+
+
+def test_sweep_runs_trials_logs_children_and_registers_the_best(store_url, tmp_path):
+    import ray
+
+    from cluster.tune import add_arguments, run_sweep
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--dataset", "ucf101", "--data", store_url, "--trials", "3", "--max-concurrent", "1", "--epochs", "3",
+            "--grace-period", "1", "--storage", str(tmp_path / "ray"), "--name", "sweep",
+            "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db", "--mlflow-artifacts", str(tmp_path / "art"),
+            "--experiment", "tune-tests", "--register", "tiny-sweep", "--summary-json", str(tmp_path / "sweep.json"),
+            "--max-failures", "0", "--val-fraction", "0.25", "--num-cpus", "3"]
+    for item in [*TINY, "cluster.warmup_epoch=1", "train.test_batch_size=64"]:
+        argv += ["--set", item]
+    try:
+        assert run_sweep("ucf101", parser.parse_args(argv)) == 0
+    finally:
+        ray.shutdown()
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert summary["finished"] >= 1 and summary["model_uri"] == "models:/tiny-sweep@candidate"
+    assert set(summary["best_params"]) >= {"train.lr", "loss.a", "loss.b", "sampler.mask_prob",
+                                           "cluster.kmeans_temperature", "sampler.gumbel_noise_scale"}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("tune-tests").experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert len(children) == 3
+    lrs = {float(run.data.params["train.lr"]) for run in children}
+    assert len(lrs) == 3  # each trial ran its own sampled configuration
+    assert all(client.get_metric_history(run.info.run_id, "map_at_5") for run in children)
+    version = client.get_model_version_by_alias("tiny-sweep", "candidate")
+    assert version.run_id == summary["best_run_id"] in {run.info.run_id for run in children}
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.metrics["best_map_at_5"] == pytest.approx(max(
+        run.data.metrics["map_at_5"] for run in children if run.info.status == "FINISHED"), abs=1e-9)
