@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -237,9 +238,23 @@ def config_from_dict(data: dict) -> Config:
     return cfg.validate()
 
 
+class UnsafeFileError(ValueError):
+    """A saved file that ``torch.load(weights_only=True)`` refuses (pickled code) or cannot read (damaged)."""
+
+
+def load_state(file: str | Path | IO[bytes], where: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors, containers and plain values only, never pickled code; a file
+    that holds more (or is damaged) raises :class:`UnsafeFileError` naming ``where``."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise UnsafeFileError(f"{where}: cannot be loaded safely ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0]})") from err
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> AutoSSVH:
-    """Load a model saved by :func:`save_model`; ``torch.load(weights_only=True)`` refuses pickled code."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    """Load a model saved by :func:`save_model` (:func:`load_state`: never runs pickled code)."""
+    state = load_state(path, str(path), map_location)
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ValueError(f"{path}: not an AutoSSVH model file (expected keys 'config' and 'model')")
     model = AutoSSVH(config_from_dict(state["config"]))

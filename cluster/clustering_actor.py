@@ -294,6 +294,11 @@ class ClusteringActor:
             resolved = [tuple(ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in p) for p in parts]
             return self._compute(int(epoch), resolved, num_videos)
 
+    def received(self, epoch: int) -> list[int]:
+        """Ranks whose partition of ``epoch`` is here (a round in progress; for monitoring)."""
+        with self._cond:
+            return sorted(self._parts.get(int(epoch), {}))
+
     def info(self, epoch: int) -> dict[str, Any]:
         """Metadata of an epoch's clustering: backend, number of videos/shards, seconds."""
         return dict(self._info[int(epoch)])
@@ -331,9 +336,14 @@ def create_clustering_actor(
     shard_num_gpus: float = 0.0,
     name: str | None = None,
     max_concurrency: int = 64,
+    max_restarts: int = 3,
 ) -> Any:
-    """Start the clustering actor; ``max_concurrency`` must exceed the world size so ``result`` can wait."""
-    options: dict[str, Any] = {"num_cpus": 0, "num_gpus": num_gpus, "max_concurrency": max_concurrency}
+    """Start the clustering actor; ``max_concurrency`` must exceed the world size so ``result`` can wait.
+
+    A killed actor is restarted (up to ``max_restarts`` times) empty; calls in flight fail, and the Train workers
+    redo that epoch's round on the restarted actor (``cluster.train``)."""
+    options: dict[str, Any] = {"num_cpus": 0, "num_gpus": num_gpus, "max_concurrency": max_concurrency,
+                               "max_restarts": max_restarts}
     if name is not None:
         options["name"] = name
     return ray.remote(ClusteringActor).options(**options).remote(cfg, num_shards, shard_num_gpus)

@@ -3,8 +3,8 @@ it on a feature store under the store's protocol, and write a split's packed cod
 
 A model reference is ``models:/NAME@ALIAS`` (or any MLflow model URI: ``models:/NAME/VERSION``, ``runs:/...``),
 a checkpoint folder of a training run (``checkpoint.pt``: the selected model of its final evaluation), a run
-folder holding ``checkpoint_*`` folders (the latest), or a file written by ``autossvh.engine.save_model``.
-Every file is read with ``torch.load(weights_only=True)``.
+folder (its latest checkpoint that Ray Train registered as complete; a half-copied one is never read), or a
+file written by ``autossvh.engine.save_model``. Every file is read with ``torch.load(weights_only=True)``.
 
 Encoding splits the split into contiguous row ranges, one Ray task each (``workers``; 0 encodes in this
 process); codes come back in split order, or are written by the tasks straight into a code store.
@@ -12,6 +12,7 @@ process); codes come back in split order, or are written by the tasks straight i
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -20,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from autossvh.engine import Retrieval, config_from_dict, encode, evaluate_codes
+from autossvh.engine import Retrieval, config_from_dict, encode, evaluate_codes, load_state
 from autossvh.model import AutoSSVH
 from cluster.tracking import MODEL_STATE_FILE
-from cluster.train import CHECKPOINT_FILE
+from cluster.train import CHECKPOINT_FILE, CHECKPOINT_SNAPSHOT
 from storage.codes import CodeStore, CodeStoreWriter, create_code_store
 from storage.reader import EvalReader, make_loader
 from storage.schema import stored_split
@@ -54,13 +55,13 @@ def _model_file(path: Path) -> Path:
     for name in (CHECKPOINT_FILE, "model.pt", MODEL_STATE_FILE):
         if (path / name).is_file():
             return path / name
-    checkpoints = sorted(p for p in path.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
-    if checkpoints:
-        return checkpoints[-1] / CHECKPOINT_FILE
+    if (path / CHECKPOINT_SNAPSHOT).is_file():  # a run folder: its latest registered (complete) checkpoint
+        latest = json.loads((path / CHECKPOINT_SNAPSHOT).read_text())["latest_checkpoint_result"]
+        return path / latest["checkpoint_dir_name"] / CHECKPOINT_FILE
     found = sorted(path.rglob(MODEL_STATE_FILE))
     if found:
         return found[0]
-    raise ModelRefError(f"{path}: no {CHECKPOINT_FILE}, model.pt, checkpoint_*/ or logged model in this folder")
+    raise ModelRefError(f"{path}: no {CHECKPOINT_FILE}, model.pt, {CHECKPOINT_SNAPSHOT} or logged model in this folder")
 
 
 def load_model_ref(ref: str, tracking_uri: str | None = None) -> AutoSSVH:
@@ -83,11 +84,7 @@ def load_model_ref(ref: str, tracking_uri: str | None = None) -> AutoSSVH:
 
 
 def _load_file(path: Path, ref: str) -> AutoSSVH:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # weights_only refuses pickled code; a damaged file fails to unpickle
-        raise ModelRefError(f"model {ref}: {path.name} cannot be loaded safely ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0]})") from err
+    state = load_state(path, f"model {ref} ({path.name})")
     config, weights = _state_weights(state, f"model {ref} ({path.name})")
     model = AutoSSVH(config_from_dict(config))
     try:

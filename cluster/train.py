@@ -43,6 +43,7 @@ from autossvh.engine import (
     config_from_dict,
     encode,
     evaluate_codes,
+    load_state,
     should_cluster,
     train_one_epoch,
 )
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered (complete) checkpoints
+CLUSTER_ATTEMPTS = 3  # clustering rounds tried per epoch when the actor dies
 SELECTIONS = ("last", "best-map5")
 # The reduced preset for generated data on a small machine (as in cluster.single_process), in minutes on 2 CPUs.
 REDUCED_PRESET = [
@@ -251,8 +254,10 @@ def _start_mlflow(loop: dict[str, Any], cfg: Config, run_id: str | None, world: 
     return active.info.run_id
 
 
-def _backfill(history: list[dict[str, Any]], run_id: str, cfg: Config) -> None:
-    """Log the checkpointed epochs that the MLflow run lacks (the job died between checkpoint and logging)."""
+def _backfill(history: list[dict[str, Any]], run_id: str, cfg: Config) -> set[int]:
+    """Log the checkpointed epochs that the MLflow run lacks (the job died between checkpoint and logging);
+    returns every epoch the run now holds. An epoch logged whose checkpoint Ray never registered (the job died
+    in between) is in the set too: its retrained values are not logged a second time."""
     from mlflow.tracking import MlflowClient
 
     from cluster import tracking
@@ -261,6 +266,35 @@ def _backfill(history: list[dict[str, Any]], run_id: str, cfg: Config) -> None:
     for data in history:
         if data["epoch"] not in logged:
             tracking.log_epoch(_record_from_dict(data), num_cluster=cfg.cluster.num_cluster)
+            logged.add(data["epoch"])
+    return logged
+
+
+def _clustering_round(actor: Any, epoch: int, rank: int, world: int, num_train: int, indices: np.ndarray,
+                      encoded: Any) -> ClusteringResult:
+    """Submit this rank's codes and read the epoch's clustering. If the actor died on any rank's call (it is
+    restarted empty), every rank agrees on that through a collective and all redo the round."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    for attempt in range(1, CLUSTER_ATTEMPTS + 1):
+        result, ok = None, 1
+        try:
+            ray.get(actor.submit.remote(epoch, rank, indices, encoded.features, encoded.codes))
+            result = ray.get(actor.result.remote(epoch, world, num_train))
+        except (RayActorError, ActorUnavailableError) as err:
+            ok = 0
+            log.warning("rank %d: clustering round of epoch %d failed (attempt %d of %d): %s", rank, epoch + 1,
+                        attempt, CLUSTER_ATTEMPTS, str(err).splitlines()[0])
+        if _distributed():
+            flag = torch.tensor([ok], dtype=torch.int32)
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = int(flag.item())
+        if ok:
+            return result
+    raise RuntimeError(f"the clustering actor failed {CLUSTER_ATTEMPTS} rounds of epoch {epoch + 1} in a row")
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -290,7 +324,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+            state = load_state(Path(folder) / CHECKPOINT_FILE, checkpoint.path, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -307,7 +341,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     labels = _split_labels(store) if rank == 0 else None
     if rank == 0:
         run_id = _start_mlflow(loop, cfg, run_id, world)
-        _backfill(history, run_id, cfg)
+        logged = _backfill(history, run_id, cfg)
     per_rank_batch = per_rank_batch_size(cfg.train.batch_size, world)
     reader = TrainReader(url, "train", per_rank_batch, rank, world, cfg.train.seed, options, drop_last=True)
     epochs = cfg.train.num_epochs
@@ -320,8 +354,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             encoded, first = _encode_split(model, url, "train", cfg, rank, world, options, device,
                                            loop["loader_workers"])
             indices = np.arange(first, first + len(encoded.codes), dtype=np.int64)
-            ray.get(actor.submit.remote(epoch, rank, indices, encoded.features, encoded.codes))
-            last_result = ray.get(actor.result.remote(epoch, world, num_train))
+            last_result = _clustering_round(actor, epoch, rank, world, num_train, indices, encoded)
             targets = ClusterTargets.from_result(last_result, device)
             cluster_seconds, objective = time.perf_counter() - tic, list(last_result.objective)
         reader.set_epoch(epoch)
@@ -353,8 +386,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                  "best": best, "config": cfg.to_dict(), "final": None}
         _report_checkpoint(metrics, state)
         # MLflow after the checkpoint: a crash in between leaves a gap that the resumed run back-fills.
-        tracking.log_epoch(record, num_cluster=cfg.cluster.num_cluster)
-        mlflow.log_metrics({"eval_seconds": eval_seconds, "train_seconds": stats.seconds}, step=epoch)
+        if epoch in logged:
+            log.warning("epoch %d was logged to MLflow by an attempt whose checkpoint was lost; keeping those "
+                        "metrics", epoch + 1)
+        else:
+            tracking.log_epoch(record, num_cluster=cfg.cluster.num_cluster)
+            mlflow.log_metrics({"eval_seconds": eval_seconds, "train_seconds": stats.seconds}, step=epoch)
         done = epoch + 1 - start_epoch
         log.info(epoch_line(record, epochs, (time.perf_counter() - start) / done * (epochs - epoch - 1), eval_seconds))
     if rank == 0:
@@ -462,11 +499,12 @@ def make_trainer(cfg: Config, url: str, options: dict[str, Any], args: argparse.
     )
 
 
-def start_actor(cfg: Config, args: argparse.Namespace) -> Any:
+def start_actor(cfg: Config, args: argparse.Namespace, name: str) -> Any:
+    """The run's clustering actor, named ``clustering-<run name>`` (restarted by Ray if it dies)."""
     from cluster.clustering_actor import create_clustering_actor
 
     return create_clustering_actor(cfg.cluster, num_shards=cfg.cluster.num_shards,
-                                   num_gpus=min(args.gpus_per_worker, 1.0))
+                                   num_gpus=min(args.gpus_per_worker, 1.0), name=f"clustering-{name}")
 
 
 def finish(checkpoint: Any, cfg: Config, mlflow_uri: str, experiment: str) -> FinishedRun:
@@ -474,7 +512,7 @@ def finish(checkpoint: Any, cfg: Config, mlflow_uri: str, experiment: str) -> Fi
     from cluster import tracking
 
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        state = load_state(Path(folder) / CHECKPOINT_FILE, checkpoint.path)
     selected_epoch = state["final"]["selected_epoch"]
     model = AutoSSVH(cfg)
     model.load_state_dict(state["best"]["model"] if selected_epoch != state["epoch"] else state["model"])
@@ -495,21 +533,43 @@ def log_and_register(done: FinishedRun, mlflow_uri: str, experiment: str, regist
         return tracking.log_model(done.model, register=register)
 
 
+def check_resume_compatible(storage: str, name: str, cfg: Config) -> None:
+    """Refuse to resume run ``name`` with a model or data shape other than its checkpoint's (bits, sizes, frames):
+    the weights would not load. Other settings (epochs, learning rate, ...) may change between attempts."""
+    import fsspec
+
+    run_dir = f"{_absolute_path(storage).rstrip('/')}/{name}"
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    if not fs.exists(f"{path}/{CHECKPOINT_SNAPSHOT}"):
+        return
+    latest = json.loads(fs.cat_file(f"{path}/{CHECKPOINT_SNAPSHOT}"))["latest_checkpoint_result"]
+    checkpoint = f"{run_dir}/{latest['checkpoint_dir_name']}/{CHECKPOINT_FILE}"
+    with fs.open(f"{path}/{latest['checkpoint_dir_name']}/{CHECKPOINT_FILE}", "rb") as f:
+        saved = load_state(f, checkpoint)["config"]
+    now = cfg.to_dict()
+    differs = [f"{section}.{key}={saved[section][key]!r} (now {now[section][key]!r})"
+               for section in ("data", "model") for key in now[section] if saved[section].get(key) != now[section][key]]
+    if differs:
+        raise ValueError(f"run {name!r} in {storage} has a checkpoint of another model: {', '.join(differs)}; use "
+                         "another --name (or --storage) to start a new run, or the same settings to resume it")
+
+
 def run(dataset: str, args: argparse.Namespace) -> int:
     """Train ``dataset`` with Ray Train per ``args`` (see :func:`add_arguments`); returns the exit code."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         cfg, url, options = _build(dataset, args)
-    except ValueError as err:  # ConfigError, StoreError, a bad --storage-option
+        name = args.name or f"{dataset}-{cfg.model.nbits}bits-{cfg.recipe}"
+        check_resume_compatible(args.storage, name, cfg)
+    except ValueError as err:  # ConfigError, StoreError, a bad --storage-option, a checkpoint of another model
         log.error("%s", err)
         return 2
     import ray
     from ray.train import TrainingFailedError
 
-    name = args.name or f"{dataset}-{cfg.model.nbits}bits-{cfg.recipe}"
     mlflow_uri, _ = mlflow_locations(args)
     init_ray(int(args.workers * args.cpus_per_worker) + 1, args.num_cpus)
-    actor = start_actor(cfg, args)
+    actor = start_actor(cfg, args, name)
     trainer = make_trainer(cfg, url, options, args, name, actor)
     log.info("training %s (%s recipe, %d bits, %d epochs) on %d worker(s), run %r in %s", dataset, cfg.recipe,
              cfg.model.nbits, cfg.train.num_epochs, args.workers, name, args.storage)

@@ -96,7 +96,7 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     cfg = trial_config(sweep["config"], params)
     args = argparse.Namespace(**sweep["args"])
     name = f"{sweep['name']}-{tune.get_context().get_trial_id()}"
-    actor = start_actor(cfg, args)
+    actor = start_actor(cfg, args, name)
     try:
         trainer = make_trainer(cfg, sweep["data"], sweep["options"], args, name, actor,
                                callbacks=[TuneReportCallback()], mlflow_parent=sweep["parent_run_id"])

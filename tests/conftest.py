@@ -1,4 +1,7 @@
-"""Shared tiny configurations and data for the tests."""
+"""Shared tiny configurations and data for the tests, and the one Ray instance of the test session."""
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,3 +39,29 @@ def random_clustering(n: int, nbits: int, sizes: list[int], seed: int = 0) -> Cl
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> str:
+    """One local Ray instance for the whole session (4 logical CPUs: 2 Train workers, a trial or job driver and
+    driver-side tasks), on 127.0.0.1 without the dashboard; yields its GCS address for subprocess jobs."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A UCF101-like feature store shaped for ``TINY`` (160 train videos, T=8, F=16, 8 classes), read-only."""
+    from storage.synthetic_store import write_synthetic
+
+    url = str(tmp_path_factory.mktemp("data") / "ucf101-tiny")
+    write_synthetic(url, "ucf101", 160, feature_dim=16, max_frames=8, num_classes=8, seed=1)
+    return url

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -24,9 +23,8 @@ from cluster.retrieval import ModelRefError, evaluate_model, load_model_ref
 from storage.codes import open_code_store
 from storage.store import open_store
 from storage.synthetic_store import write_synthetic
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-hashing"
 
 
@@ -97,17 +95,9 @@ def test_evaluate_job_matches_in_process_protocol_and_writes_pr_curve(setup, tmp
     assert (tmp_path / "eval" / "pr_curve.png").stat().st_size > 0
 
 
-def test_evaluate_with_ray_workers_equals_one_process(setup):
+def test_evaluate_with_ray_workers_equals_one_process(ray_session, setup):
     """Two Ray tasks each encode a block; the gathered codes give exactly the in-process mAP."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        retrieval = evaluate_model(setup["trained"], setup["url"], workers=2, batch_size=32)
-    finally:
-        if started:
-            ray.shutdown()
+    retrieval = evaluate_model(setup["trained"], setup["url"], workers=2, batch_size=32)
     assert retrieval.map_at_k == pytest.approx(_reference(setup["trained"], setup["url"]), abs=1e-12)
     assert retrieval.pr_by_radius is not None
 

@@ -16,33 +16,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster.retrieval import evaluate_model, load_model_ref
-from tests.conftest import TINY
-
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-ray = pytest.importorskip("ray")
+from tests.conftest import ROOT, TINY
 
 EPOCHS = 3
 OVERRIDES = [*TINY, "cluster.warmup_epoch=1", "train.eval_every=2", "train.test_batch_size=64"]
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> str:
-    """One local Ray instance for the module (4 logical CPUs: 2 workers, controller, driver-side tasks)."""
-    ray.init(num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from storage.synthetic_store import write_synthetic
-
-    url = str(tmp_path_factory.mktemp("data") / "ucf101-tiny")
-    write_synthetic(url, "ucf101", 160, feature_dim=16, max_frames=8, num_classes=8, seed=1)
-    return url
 
 
 def job_args(tmp: Path, store: str, name: str) -> list[str]:
@@ -67,10 +44,10 @@ def epoch_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_two_worker_run_logs_checkpoints_and_registers(ray_session, store_url, tmp_path, capsys):
+def test_two_worker_run_logs_checkpoints_and_registers(ray_session, tiny_store_url, tmp_path, capsys):
     from cluster.train import run
 
-    assert run("ucf101", parse([*job_args(tmp_path, store_url, "tiny"), "--selection", "best-map5"])) == 0
+    assert run("ucf101", parse([*job_args(tmp_path, tiny_store_url, "tiny"), "--selection", "best-map5"])) == 0
     out = capsys.readouterr().out
     assert "mAP@5" in out and "GMAP(L2)" in out and "models:/tiny-ucf@candidate" in out and "mlflow ui" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -85,7 +62,7 @@ def test_two_worker_run_logs_checkpoints_and_registers(ray_session, store_url, t
     assert summary["selected_epoch"] == max(map5, key=lambda step: (map5[step], -step))  # first best on a tie
     assert summary["map_at_k"]["5"] == pytest.approx(map5[summary["selected_epoch"]], abs=1e-12)
     selected = load_model_ref(summary["checkpoint"])  # the checkpoint's selected model, as jobs/evaluate.py loads it
-    assert evaluate_model(selected, store_url).map_at_k[5] == pytest.approx(summary["map_at_k"]["5"], abs=1e-12)
+    assert evaluate_model(selected, tiny_store_url).map_at_k[5] == pytest.approx(summary["map_at_k"]["5"], abs=1e-12)
     assert epoch_steps(client, run_id, "kmeans_objective_k5") == [1, 2]  # clustering from epoch 1
     params = client.get_run(run_id).data.params
     assert params["world_size"] == "2" and params["model.nbits"] == "16"
@@ -96,25 +73,50 @@ def test_two_worker_run_logs_checkpoints_and_registers(ray_session, store_url, t
     assert (tmp_path / "ray" / "tiny").is_dir()
 
 
-def test_killed_run_resumes_from_its_checkpoint_and_mlflow_run(ray_session, store_url, tmp_path):
-    argv = [sys.executable, str(ROOT / "jobs" / "train_ucf101.py"), *job_args(tmp_path, store_url, "resume"),
-            "--set", "train.eval_every=1", "--set", "cluster.num_shards=2"]  # sharded k-means through Ray too
+def registered_checkpoints(run_dir: Path) -> set[str]:
+    """Checkpoint folders Ray Train registered as complete (its snapshot file; absent before the first)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return set()
+    try:
+        return {c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]}
+    except json.JSONDecodeError:  # being rewritten
+        return set()
+
+
+def test_job_killed_during_a_checkpoint_upload_resumes_cleanly(ray_session, tiny_store_url, tmp_path):
+    """The job process is killed as soon as a checkpoint folder appears that Ray has not registered yet (the
+    upload or its registration in progress), and a half-written newer checkpoint is left behind: re-running the
+    same name resumes from the last registered checkpoint and continues the same MLflow run, every epoch logged
+    exactly once. Sharded k-means (cluster.num_shards=2) runs through Ray here too."""
+    argv = [sys.executable, str(ROOT / "jobs" / "train_ucf101.py"), *job_args(tmp_path, tiny_store_url, "resume"),
+            "--set", "train.eval_every=1", "--set", "cluster.num_shards=2"]
     env = {**os.environ, "RAY_ADDRESS": ray_session, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + 120
     run_dir = tmp_path / "ray" / "resume"
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once a reported checkpoint is registered
-    while time.monotonic() < deadline and not snapshot.exists():
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not registered_checkpoints(run_dir):
         assert proc.poll() is None, "the job ended before registering a checkpoint"
-        time.sleep(0.05)
+        time.sleep(0.02)
+    while time.monotonic() < deadline and proc.poll() is None:
+        folders = {p.name for p in run_dir.glob("checkpoint_*")}
+        if folders - registered_checkpoints(run_dir):
+            break
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert snapshot.exists(), "no checkpoint within 120 s"
+    registered = registered_checkpoints(run_dir)
+    assert registered, "no checkpoint within 120 s"
+    partial = run_dir / "checkpoint_9999-12-31_23-59-59.999999"  # newer than any real one: an interrupted copy
+    partial.mkdir()
+    (partial / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "resumed from the checkpoint" in done.stderr + done.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert epoch_steps(client, summary["mlflow_run_id"], "loss") == [0, 1, 2]
+    assert epoch_steps(client, summary["mlflow_run_id"], "map_at_5") == [0, 1, 2]
     assert len(client.search_runs([client.get_experiment_by_name("tests").experiment_id])) == 1
+    assert load_model_ref(str(run_dir)).cfg.model.nbits == 16  # the run folder resolves to a registered checkpoint

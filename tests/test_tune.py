@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +14,6 @@ from storage.store import open_store
 from storage.synthetic_store import write_synthetic
 from storage.validation import carve_validation_store, held_out_rows
 from tests.conftest import TINY
-
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +41,7 @@ def test_validation_store_holds_out_whole_chunks_of_train_only(store_url, tmp_pa
     assert again.info.sources == carved.info.sources
 
 
-def test_sweep_runs_trials_logs_children_and_registers_the_best(store_url, tmp_path):
-    import ray
-
+def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, store_url, tmp_path):
     from cluster.tune import add_arguments, run_sweep
 
     parser = argparse.ArgumentParser()
@@ -58,13 +50,10 @@ def test_sweep_runs_trials_logs_children_and_registers_the_best(store_url, tmp_p
             "--grace-period", "1", "--storage", str(tmp_path / "ray"), "--name", "sweep",
             "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db", "--mlflow-artifacts", str(tmp_path / "art"),
             "--experiment", "tune-tests", "--register", "tiny-sweep", "--summary-json", str(tmp_path / "sweep.json"),
-            "--max-failures", "0", "--val-fraction", "0.25", "--num-cpus", "3"]
+            "--max-failures", "0", "--val-fraction", "0.25"]
     for item in [*TINY, "cluster.warmup_epoch=1", "train.test_batch_size=64"]:
         argv += ["--set", item]
-    try:
-        assert run_sweep("ucf101", parser.parse_args(argv)) == 0
-    finally:
-        ray.shutdown()
+    assert run_sweep("ucf101", parser.parse_args(argv)) == 0
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["finished"] >= 1 and summary["model_uri"] == "models:/tiny-sweep@candidate"
     assert set(summary["best_params"]) >= {"train.lr", "loss.a", "loss.b", "sampler.mask_prob",
