@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -248,8 +249,9 @@ def load_state(file: str | Path | IO[bytes], where: str, map_location: str | tor
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise UnsafeFileError(f"{where}: cannot be loaded safely ({type(err).__name__}: "
-                              f"{str(err).strip().splitlines()[0]})") from err
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).strip().splitlines()] or [""]
+        detail = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
+        raise UnsafeFileError(f"{where}: cannot be loaded safely ({type(err).__name__}: {detail})") from err
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> AutoSSVH:

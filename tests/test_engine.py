@@ -1,6 +1,5 @@
 """Engine: learning on generated data, encoding, schedule, non-finite steps, save/load safety."""
 
-import pickle
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from autossvh.baselines import random_projection_codes
 from autossvh.engine import (
     NonFiniteGuard,
     NonFiniteLossError,
+    UnsafeFileError,
     array_batches,
     build_optimizer,
     build_scheduler,
@@ -139,7 +139,8 @@ class _Payload:
 def test_load_refuses_pickled_payload(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"config": {"dataset": "ucf101"}, "model": _Payload()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UnsafeFileError, match=r"evil.pt: cannot be loaded safely \(UnpicklingError: WeightsUnpickler "
+                       r"error: Unsupported global: GLOBAL print"):
         load_model(path)
 
 
