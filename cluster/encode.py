@@ -7,7 +7,7 @@ import logging
 
 from cluster.cli import add_model_arguments
 from cluster.retrieval import encode_to_code_store, load_model_ref
-from cluster.train import LOG_FORMAT, _absolute_uri, init_ray
+from cluster.train import LOG_FORMAT, absolute_uri, init_ray
 from storage.schema import SPLITS
 from storage.writer import storage_options_from
 
@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         options = storage_options_from(args.storage_options)
         out_options = storage_options_from(args.out_storage_options)
-        model = load_model_ref(args.model, _absolute_uri(args.mlflow_uri))
+        model = load_model_ref(args.model, absolute_uri(args.mlflow_uri))
         if args.workers > 0:
             init_ray(args.workers + 1, args.num_cpus)
         store = encode_to_code_store(model, args.model, args.data, args.split, args.out, options, out_options,

@@ -10,7 +10,7 @@ from pathlib import Path
 from cluster.cli import add_model_arguments
 from cluster.retrieval import evaluate_model, load_model_ref
 from cluster.tracking import map_table_dict, write_final_artifacts
-from cluster.train import LOG_FORMAT, _absolute_uri, init_ray
+from cluster.train import LOG_FORMAT, absolute_uri, init_ray
 from storage.writer import storage_options_from
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         options = storage_options_from(args.storage_options)
-        model = load_model_ref(args.model, _absolute_uri(args.mlflow_uri))
+        model = load_model_ref(args.model, absolute_uri(args.mlflow_uri))
         if args.workers > 0:
             init_ray(args.workers + 1, args.num_cpus)
         retrieval = evaluate_model(model, args.data, options, args.workers, args.batch_size, args.gpus_per_worker)

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from autossvh.engine import Retrieval
 from cluster.retrieval import evaluate_model, load_model_ref
 from cluster.tracking import TrackingError, check_reachable, redact_url
-from cluster.train import LOG_FORMAT, _absolute_uri, init_ray
+from cluster.train import LOG_FORMAT, absolute_uri, init_ray
 from storage.writer import storage_options_from
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.workers > 0:
             init_ray(args.workers + 1, args.num_cpus)
-        decision = promote(args.name, args.source, args.target, args.data, _absolute_uri(args.mlflow_uri),
+        decision = promote(args.name, args.source, args.target, args.data, absolute_uri(args.mlflow_uri),
                            args.metric, args.force, storage_options_from(args.storage_options), args.workers,
                            args.batch_size, args.gpus_per_worker)
     except (ValueError, TrackingError) as err:

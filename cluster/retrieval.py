@@ -25,7 +25,7 @@ from autossvh.engine import Retrieval, config_from_dict, encode, evaluate_codes,
 from autossvh.model import AutoSSVH
 from cluster.tracking import MODEL_STATE_FILE
 from cluster.train import CHECKPOINT_FILE, CHECKPOINT_SNAPSHOT
-from storage.codes import CodeStore, CodeStoreWriter, create_code_store
+from storage.codes import DEFAULT_CHUNK_ROWS, CodeStore, CodeStoreWriter, create_code_store
 from storage.reader import EvalReader, make_loader
 from storage.schema import stored_split
 from storage.store import FeatureStore, StoreInfo, open_store
@@ -162,15 +162,16 @@ def evaluate_model(model: AutoSSVH, url: str, options: dict[str, Any] | None = N
 def encode_to_code_store(model: AutoSSVH, model_ref: str, url: str, split: str, out: str,
                          options: dict[str, Any] | None = None, out_options: dict[str, Any] | None = None,
                          workers: int = 0, batch_size: int = 256, gpus_per_worker: float = 0.0,
-                         overwrite: bool = False) -> CodeStore:
+                         overwrite: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> CodeStore:
     """Encode ``split`` of the store at ``url`` into a new code store at ``out`` (packed codes, video ids and,
-    for a labelled split, labels), marked complete only when every row is written."""
+    for a labelled split, labels), marked complete only when every row is written. Each task writes whole
+    chunks of ``chunk_rows`` codes, so there are at most as many tasks as chunks."""
     store: FeatureStore = open_store(url, options)
     check_model_fits(model, store.info, url)
     labelled = store.is_labelled(split)
     writer = create_code_store(out, model.cfg.model.nbits, store.num_videos(split), dataset=store.info.dataset,
                                split=split, source=url, model=model_ref,
                                num_classes=store.info.num_classes if labelled else None,
-                               storage_options=out_options, overwrite=overwrite)
+                               chunk_rows=chunk_rows, storage_options=out_options, overwrite=overwrite)
     encode_split(model, url, split, options, workers, batch_size, gpus_per_worker, writer)
     return writer.mark_complete()

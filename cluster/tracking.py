@@ -116,7 +116,7 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
             reason = getattr(err, "reason", err)
             raise TrackingError(
                 f"MLflow tracking server {redact_url(tracking_uri)} is unreachable within {timeout:g} s "
-                f"({reason}); start it, fix --tracking-uri / MLFLOW_TRACKING_URI, or use a local "
+                f"({reason}); start it, fix --mlflow-uri, or use a local "
                 f"sqlite:///path/mlflow.db"
             ) from None
     elif tracking_uri.startswith("sqlite:///"):

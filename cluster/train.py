@@ -104,14 +104,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without RAY_ADDRESS")
 
 
-def _absolute_uri(uri: str) -> str:
+def absolute_uri(uri: str) -> str:
     """``sqlite:///relative.db`` → absolute path (Ray workers do not share the driver's working directory)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     return uri
 
 
-def _absolute_path(url: str) -> str:
+def absolute_path(url: str) -> str:
     return url if "://" in url else str(Path(url).resolve())
 
 
@@ -438,11 +438,12 @@ def _final_evaluation(model: AutoSSVH, selection: str, best: dict[str, Any], sta
 # ----- driver side --------------------------------------------------------------------------------------------
 
 
-def _build(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[str, Any]]:
+def resolve_run(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[str, Any]]:
+    """The run's config, data URL and storage options, checked against the store before anything starts."""
     options = storage_options_from(args.storage_options)
     overrides: list[str] = []
     if args.data:
-        url = _absolute_path(args.data)
+        url = absolute_path(args.data)
     else:
         url = synthetic_store(dataset)
         overrides += REDUCED_PRESET
@@ -469,7 +470,7 @@ class FinishedRun:
 
 def mlflow_locations(args: argparse.Namespace) -> tuple[str, str]:
     """The tracking URI (a relative SQLite path made absolute, its folder created) and the artifact location."""
-    mlflow_uri = _absolute_uri(args.mlflow_uri)
+    mlflow_uri = absolute_uri(args.mlflow_uri)
     if mlflow_uri.startswith("sqlite:///"):
         Path(mlflow_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     artifacts = args.mlflow_artifacts if "://" in args.mlflow_artifacts else \
@@ -493,7 +494,7 @@ def make_trainer(cfg: Config, url: str, options: dict[str, Any], args: argparse.
         train_loop_per_worker, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=args.placement_strategy),
-        run_config=RunConfig(storage_path=_absolute_path(args.storage), name=name,
+        run_config=RunConfig(storage_path=absolute_path(args.storage), name=name,
                              failure_config=FailureConfig(max_failures=args.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
@@ -538,7 +539,7 @@ def check_resume_compatible(storage: str, name: str, cfg: Config) -> None:
     the weights would not load. Other settings (epochs, learning rate, ...) may change between attempts."""
     import fsspec
 
-    run_dir = f"{_absolute_path(storage).rstrip('/')}/{name}"
+    run_dir = f"{absolute_path(storage).rstrip('/')}/{name}"
     fs, path = fsspec.core.url_to_fs(run_dir)
     if not fs.exists(f"{path}/{CHECKPOINT_SNAPSHOT}"):
         return
@@ -556,18 +557,21 @@ def check_resume_compatible(storage: str, name: str, cfg: Config) -> None:
 
 def run(dataset: str, args: argparse.Namespace) -> int:
     """Train ``dataset`` with Ray Train per ``args`` (see :func:`add_arguments`); returns the exit code."""
+    from cluster import tracking
+
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
-        cfg, url, options = _build(dataset, args)
+        cfg, url, options = resolve_run(dataset, args)
         name = args.name or f"{dataset}-{cfg.model.nbits}bits-{cfg.recipe}"
         check_resume_compatible(args.storage, name, cfg)
-    except ValueError as err:  # ConfigError, StoreError, a bad --storage-option, a checkpoint of another model
+        mlflow_uri, _ = mlflow_locations(args)
+        tracking.check_reachable(mlflow_uri)
+    except (ValueError, tracking.TrackingError) as err:  # bad config, store, option, checkpoint; MLflow down
         log.error("%s", err)
         return 2
     import ray
     from ray.train import TrainingFailedError
 
-    mlflow_uri, _ = mlflow_locations(args)
     init_ray(int(args.workers * args.cpus_per_worker) + 1, args.num_cpus)
     actor = start_actor(cfg, args, name)
     trainer = make_trainer(cfg, url, options, args, name, actor)

@@ -43,13 +43,13 @@ from cluster import tracking
 from cluster.preflight import check_training_inputs
 from cluster.train import (
     LOG_FORMAT,
-    _absolute_path,
-    _build,
+    absolute_path,
     finish,
     init_ray,
     log_and_register,
     make_trainer,
     mlflow_locations,
+    resolve_run,
     start_actor,
 )
 from cluster.train import add_arguments as add_train_arguments
@@ -128,12 +128,14 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     name = args.name or f"{dataset}-sweep"
     try:
         args.overrides = [*args.overrides, "train.eval_every=1"]  # ASHA reads the validation mAP every epoch
-        cfg, url, options = _build(dataset, args)
-        storage = _absolute_path(args.storage)
+        cfg, url, options = resolve_run(dataset, args)
+        storage = absolute_path(args.storage)
         val_url = f"{storage.rstrip('/')}/validation/{dataset}-{name}-f{args.val_fraction}-s{args.seed}"
         store = carve_validation_store(url, val_url, args.val_fraction, args.seed, options)
         check_training_inputs(cfg, store, args.workers)
-    except ValueError as err:
+        mlflow_uri, artifacts = mlflow_locations(args)
+        tracking.check_reachable(mlflow_uri)
+    except (ValueError, tracking.TrackingError) as err:
         log.error("%s", err)
         return 2
     import optuna
@@ -141,7 +143,6 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus)
     args.gpus_per_worker, fits = trial_resources(args, ray.cluster_resources())
     concurrent = args.max_concurrent or min(fits, args.trials)
-    mlflow_uri, artifacts = mlflow_locations(args)
     with tracking.start_run(mlflow_uri, args.experiment, run_name=name, artifact_location=artifacts) as parent:
         tracking.log_config(cfg, {"data": url, "validation_data": val_url, "storage_options": options,
                                   "trials": args.trials, "max_concurrent": concurrent, "sweep": True})

@@ -74,5 +74,5 @@ def carve_validation_store(source_url: str, out_url: str, fraction: float = 0.1,
     sources = {"kind": "validation", "carved_from": carved, "labelled": {"train": True, "query": True},
                "train_labelled": True}
     log.info("validation store %s: %d of %d training videos held out as queries", out_url, len(held_out), num_train)
-    return write_store(out_url, out_info, [_rows_source(source, "train", kept), _rows_source(source, "query", held_out)],
-                       {"carved_from": carved}, sources, storage_options=storage_options)
+    splits = [_rows_source(source, "train", kept), _rows_source(source, "query", held_out)]
+    return write_store(out_url, out_info, splits, {"carved_from": carved}, sources, storage_options=storage_options)

@@ -326,18 +326,14 @@ def test_the_job_refuses_bits_not_a_multiple_of_8(store_path: Path, tmp_path: Pa
     assert_refused(tmp_path, proc, seconds, "model.nbits: 12", "multiple of 8")
 
 
-def _preflight_wired() -> bool:
-    return "check_training_inputs" in (ROOT / "cluster" / "train.py").read_text()
-
-
-@pytest.mark.skipif(not _preflight_wired(), reason="cluster.train does not call cluster.preflight yet")
 @pytest.mark.parametrize(("tamper", "args", "fragments"), [
     (None, ["--set", "data.feature_size=512"], ["data.feature_size=512 from the config", "F=16"]),
     (None, ["--set", "train.batch_size=512"], ["train.batch_size=512", "40 videos"]),
     (None, ["--set", "cluster.num_cluster=[8, 50]", "--set", "cluster.warmup_epoch=0"], ["cluster.num_cluster"]),
     ("delete", [], ["split 'train'", "feats/c/2/0/0 (missing)"]),
     ("labels", [], ["videos of the query split have no label"]),
-], ids=["feature-size", "batch-size", "clusters", "missing-shard", "unlabelled-queries"])
+    (None, ["--mlflow-uri", "http://127.0.0.1:9"], ["MLflow tracking server http://127.0.0.1:9 is unreachable"]),
+], ids=["feature-size", "batch-size", "clusters", "missing-shard", "unlabelled-queries", "mlflow-unreachable"])
 def test_the_job_refuses_bad_input_before_ray(store_path: Path, tmp_path: Path, tamper: str | None,
                                               args: list[str], fragments: list[str]) -> None:
     if tamper == "delete":

@@ -128,6 +128,17 @@ def test_encode_job_writes_a_complete_code_store_that_search_reads(setup, tmp_pa
     assert len(hits) == 3 and hits[0]["distance"] == 0
 
 
+def test_encode_with_ray_tasks_writes_each_rows_range_once(ray_session, setup, tmp_path):
+    from cluster.retrieval import encode_to_code_store
+
+    store = encode_to_code_store(setup["trained"], "trained", setup["url"], "query", str(tmp_path / "codes"),
+                                 workers=3, batch_size=16, chunk_rows=8)
+    query, labels = open_store(setup["url"]).load("query")
+    expected = np.packbits(encode(setup["trained"], array_batches(query, 64)).codes > 0, axis=1)
+    assert np.array_equal(store.codes, expected) and np.array_equal(store.labels, labels)
+    assert list(store.video_ids) == list(open_store(setup["url"]).split("query").video_ids[:])
+
+
 def test_promote_gate_refuses_a_worse_candidate_and_moves_a_better_one(setup):
     from cluster.registry import promote
 

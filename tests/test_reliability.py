@@ -4,7 +4,6 @@ losses), a checkpoint carrying pickled code, and the local Ray bound to 127.0.0.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.chaos import SlowClusteringActor, process_cmdlines
 from tests.conftest import ROOT, TINY
-from tests.test_ray_train import epoch_steps, registered_checkpoints
+from tests.test_ray_train import epoch_steps, parse, registered_checkpoints
 
 
 def job_args(tmp: Path, store: str, name: str, epochs: int, *overrides: str) -> list[str]:
@@ -32,14 +31,6 @@ def job_args(tmp: Path, store: str, name: str, epochs: int, *overrides: str) -> 
     for item in [*TINY, "train.test_batch_size=64", *overrides]:
         args += ["--set", item]
     return args
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    from cluster.train import add_arguments
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(argv)
 
 
 def train_worker_pids() -> list[int]:
