@@ -420,7 +420,8 @@ def _final_evaluation(model: AutoSSVH, selection: str, best: dict[str, Any], sta
     chosen = [best["model"] if rank == 0 and selection == "best-map5" else None]
     if _distributed():
         dist.broadcast_object_list(chosen, src=0)
-    if chosen[0] is not None:
+    if chosen[0] is not None:  # a separate model: the final checkpoint keeps the last epoch's weights to resume
+        model = AutoSSVH(cfg).to(device)
         model.load_state_dict(chosen[0])
     retrieval = _evaluate(model, url, protocol, cfg, rank, world, options, device, loader_workers, labels,
                           with_pr=True)

@@ -147,6 +147,8 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
         tracking.log_config(cfg, {"data": url, "validation_data": val_url, "storage_options": options,
                                   "trials": args.trials, "max_concurrent": concurrent, "sweep": True})
         parent_run_id = parent.info.run_id
+    # Trials run in their own working folders: every path they get is absolute.
+    args.storage, args.mlflow_uri, args.mlflow_artifacts = storage, mlflow_uri, artifacts
     trial_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     sweep = {"config": cfg.to_dict(), "args": trial_args, "data": val_url, "options": options, "name": name,
              "parent_run_id": parent_run_id}

@@ -41,16 +41,16 @@ def test_validation_store_holds_out_whole_chunks_of_train_only(store_url, tmp_pa
     assert again.info.sources == carved.info.sources
 
 
-def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, store_url, tmp_path):
+def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, store_url, tmp_path, monkeypatch):
     from cluster.tune import add_arguments, run_sweep
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
+    monkeypatch.chdir(tmp_path)  # relative paths, as the README's command uses: trials run in other folders
     argv = ["--dataset", "ucf101", "--data", store_url, "--trials", "3", "--max-concurrent", "1", "--epochs", "3",
-            "--grace-period", "1", "--storage", str(tmp_path / "ray"), "--name", "sweep",
-            "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db", "--mlflow-artifacts", str(tmp_path / "art"),
-            "--experiment", "tune-tests", "--register", "tiny-sweep", "--summary-json", str(tmp_path / "sweep.json"),
-            "--max-failures", "0", "--val-fraction", "0.25"]
+            "--grace-period", "1", "--storage", "ray", "--name", "sweep", "--mlflow-uri", "sqlite:///mlflow.db",
+            "--mlflow-artifacts", "art", "--experiment", "tune-tests", "--register", "tiny-sweep",
+            "--summary-json", "sweep.json", "--max-failures", "0", "--val-fraction", "0.25"]
     for item in [*TINY, "cluster.warmup_epoch=1", "train.test_batch_size=64"]:
         argv += ["--set", item]
     assert run_sweep("ucf101", parser.parse_args(argv)) == 0
