@@ -69,10 +69,11 @@ def load_model_ref(ref: str, tracking_uri: str | None = None) -> AutoSSVH:
     if ref.startswith(MLFLOW_SCHEMES):
         import mlflow
 
+        if tracking_uri is not None:
+            mlflow.set_tracking_uri(tracking_uri)  # the registry of models:/ URIs follows the tracking URI
         try:
             with tempfile.TemporaryDirectory() as folder:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=folder,
-                                                            tracking_uri=tracking_uri)
+                local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=folder)
                 return _load_file(_model_file(Path(local)), ref)
         except mlflow.exceptions.MlflowException as err:
             raise ModelRefError(f"model {ref}: cannot be loaded from MLflow at {tracking_uri} ({err.message})") \

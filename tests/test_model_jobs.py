@@ -80,15 +80,15 @@ def test_registry_and_file_references_load_the_same_model(setup):
 
 
 def test_evaluate_job_matches_in_process_protocol_and_writes_pr_curve(setup, tmp_path):
-    from cluster.evaluate import add_arguments, main
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    """A fresh process, as users run it: the registry is found through --mlflow-uri alone."""
     _alias(setup, "candidate", "2")
-    args = parser.parse_args(["--model", f"models:/{NAME}@candidate", "--data", setup["url"], "--workers", "0",
-                              "--mlflow-uri", setup["uri"], "--out", str(tmp_path / "eval"),
-                              "--summary-json", str(tmp_path / "eval.json"), "--batch-size", "48"])
-    assert main(args) == 0
+    job = [sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--model", f"models:/{NAME}@candidate",
+           "--data", setup["url"], "--workers", "0", "--mlflow-uri", setup["uri"], "--out", str(tmp_path / "eval"),
+           "--summary-json", str(tmp_path / "eval.json"), "--batch-size", "48"]
+    done = subprocess.run(job, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GMAP(L2)" in done.stdout
     summary = json.loads((tmp_path / "eval.json").read_text())
     expected = _reference(setup["trained"], setup["url"])
     assert {int(k): v for k, v in summary["map_at_k"].items()} == pytest.approx(expected, abs=1e-12)
