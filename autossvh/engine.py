@@ -67,6 +67,11 @@ class EpochStats:
         return self.videos / max(self.seconds, 1e-9)
 
 
+def is_distributed() -> bool:
+    """Whether this process is one of several ranks of an initialised torch.distributed group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive training steps had a non-finite loss (diverged, or NaN/Inf in the input)."""
 
@@ -81,7 +86,7 @@ class NonFiniteGuard:
 
     def finite(self, loss: Tensor) -> bool:
         ok = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if bool(ok.item()):
             self.streak = 0

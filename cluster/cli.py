@@ -32,15 +32,21 @@ def config_from_args(dataset: str, args: argparse.Namespace, base_overrides: lis
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --data, --storage-option, --workers, --gpus-per-worker, --batch-size, --mlflow-uri, --num-cpus:
-    what the jobs that use a trained model share (cluster.retrieval)."""
+    """--model and :func:`add_evaluation_arguments`: what the jobs that use one trained model share."""
     parser.add_argument("--model", required=True,
                         help="models:/NAME@ALIAS (or another MLflow model URI), a checkpoint or run folder, or a "
                         "model file")
+    add_evaluation_arguments(parser, default_workers=2)
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser, default_workers: int) -> None:
+    """--data, --storage-option, --workers, --gpus-per-worker, --batch-size, --mlflow-uri, --num-cpus: encoding
+    a feature store with a registered model (cluster.retrieval)."""
     parser.add_argument("--data", required=True, help="feature store URL")
     parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
                         metavar="KEY=VALUE", help="fsspec option for --data, repeatable")
-    parser.add_argument("--workers", type=int, default=2, help="Ray tasks that encode in parallel; 0: in this process")
+    parser.add_argument("--workers", type=int, default=default_workers,
+                        help="Ray tasks that encode in parallel; 0: in this process")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=256, help="videos per encoding batch")
     parser.add_argument("--mlflow-uri", default="sqlite:///runs/mlflow.db", help="MLflow tracking URI (registry)")

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from autossvh.engine import is_distributed
+
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward returns each rank the summed gradient of its own rows.
@@ -32,7 +34,7 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate equal-shaped per-rank tensors in rank order; gradient flows back to the local rows.
     Integer tensors (video indices) are gathered without autograd. Identity when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return x
     if not x.is_floating_point():
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]

@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from autossvh.engine import Retrieval
+from cluster.cli import add_evaluation_arguments
 from cluster.retrieval import evaluate_model, load_model_ref
 from cluster.tracking import TrackingError, check_reachable, redact_url
 from cluster.train import LOG_FORMAT, absolute_uri, init_ray
@@ -89,16 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registered model name")
     parser.add_argument("--from", dest="source", default="candidate", help="alias of the version to promote")
     parser.add_argument("--to", dest="target", default="champion", help="alias to move")
-    parser.add_argument("--data", required=True, help="feature store both versions are evaluated on")
-    parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
-                        metavar="KEY=VALUE", help="fsspec option for --data, repeatable")
     parser.add_argument("--metric", choices=METRICS, default="gmap_l2", help="score compared by the gate")
     parser.add_argument("--force", action="store_true", help="move the alias even if the candidate is worse")
-    parser.add_argument("--workers", type=int, default=0, help="Ray tasks that encode in parallel; 0: in process")
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--mlflow-uri", default="sqlite:///runs/mlflow.db", help="MLflow tracking URI (registry)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without RAY_ADDRESS")
+    add_evaluation_arguments(parser, default_workers=0)  # --data: the store both versions are evaluated on
 
 
 def main(args: argparse.Namespace) -> int:

@@ -12,7 +12,6 @@ process); codes come back in split order, or are written by the tasks straight i
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -23,11 +22,12 @@ import torch
 
 from autossvh.engine import Retrieval, config_from_dict, encode, evaluate_codes, load_state
 from autossvh.model import AutoSSVH
+from autossvh.search import pack_codes
 from cluster.tracking import MODEL_STATE_FILE
-from cluster.train import CHECKPOINT_FILE, CHECKPOINT_SNAPSHOT
+from cluster.train import CHECKPOINT_FILE, CHECKPOINT_SNAPSHOT, eval_labels, latest_checkpoint_file, selected_weights
 from storage.codes import DEFAULT_CHUNK_ROWS, CodeStore, CodeStoreWriter, create_code_store
 from storage.reader import EvalReader, make_loader
-from storage.schema import stored_split
+from storage.schema import queries_are_database
 from storage.store import FeatureStore, StoreInfo, open_store
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,7 @@ def _state_weights(state: Any, where: str) -> tuple[dict[str, Any], dict[str, to
     """(config dict, weights) of a saved model or a training checkpoint (its selected model when final)."""
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ModelRefError(f"{where}: not an AutoSSVH model or checkpoint (expected keys 'config' and 'model')")
-    final = state.get("final")
-    if final is not None and final["selected_epoch"] != state["epoch"]:
-        return state["config"], state["best"]["model"]
-    return state["config"], state["model"]
+    return state["config"], selected_weights(state)
 
 
 def _model_file(path: Path) -> Path:
@@ -55,9 +52,9 @@ def _model_file(path: Path) -> Path:
     for name in (CHECKPOINT_FILE, "model.pt", MODEL_STATE_FILE):
         if (path / name).is_file():
             return path / name
-    if (path / CHECKPOINT_SNAPSHOT).is_file():  # a run folder: its latest registered (complete) checkpoint
-        latest = json.loads((path / CHECKPOINT_SNAPSHOT).read_text())["latest_checkpoint_result"]
-        return path / latest["checkpoint_dir_name"] / CHECKPOINT_FILE
+    checkpoint = latest_checkpoint_file(str(path))  # a run folder: its latest registered (complete) checkpoint
+    if checkpoint is not None:
+        return Path(checkpoint)
     found = sorted(path.rglob(MODEL_STATE_FILE))
     if found:
         return found[0]
@@ -119,7 +116,7 @@ def _encode_rows(model: AutoSSVH | tuple[dict[str, Any], dict[str, torch.Tensor]
         return codes
     arrays = open_store(url, options).split(split)
     labels = None if writer.info.num_classes is None else np.asarray(arrays.labels[rows[0]:rows[1]])
-    writer.write(rows[0], np.packbits(codes > 0, axis=1), np.asarray(arrays.video_ids[rows[0]:rows[1]]), labels)
+    writer.write(rows[0], pack_codes(codes), np.asarray(arrays.video_ids[rows[0]:rows[1]]), labels)
     return None
 
 
@@ -152,11 +149,10 @@ def evaluate_model(model: AutoSSVH, url: str, options: dict[str, Any] | None = N
     protocol the store records."""
     store = open_store(url, options)
     check_model_fits(model, store.info, url)
-    labels = {name: np.asarray(store.split(name).labels[:]) for name in ("query", "database")}
-    protocol = store.info.protocol
+    labels = eval_labels(store)
     query = encode_split(model, url, "query", options, workers, batch_size, gpus_per_worker)
-    same = stored_split(protocol, "query") == stored_split(protocol, "database")
-    database = query if same else encode_split(model, url, "database", options, workers, batch_size, gpus_per_worker)
+    database = query if queries_are_database(store.info.protocol) else encode_split(
+        model, url, "database", options, workers, batch_size, gpus_per_worker)
     return evaluate_codes(query, labels["query"], database, labels["database"], with_pr=True)
 
 

@@ -299,7 +299,7 @@ def packed_codes(model: AutoSSVH, feats: np.ndarray, batch_size: int = PREDICT_B
     if feats.ndim != 3:
         raise ValueError(f"expected frame features of shape (N, T, F), got shape {feats.shape}")
     codes = encode(model, array_batches(feats, batch_size)).codes
-    return np.packbits(codes > 0, axis=1)
+    return np.packbits(codes > 0, axis=1)  # as autossvh.search.pack_codes, which imports faiss: the pyfunc must not
 
 
 def pip_requirements() -> list[str]:

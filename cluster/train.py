@@ -43,6 +43,7 @@ from autossvh.engine import (
     config_from_dict,
     encode,
     evaluate_codes,
+    is_distributed,
     load_state,
     should_cluster,
     train_one_epoch,
@@ -53,7 +54,7 @@ from autossvh.trainer import EpochRecord, epoch_line
 from cluster.cli import add_config_arguments, config_from_args
 from cluster.preflight import check_store_shape, check_training_inputs, per_rank_batch_size, requested_data_shape
 from storage.reader import EvalReader, TrainReader, make_loader
-from storage.schema import stored_split
+from storage.schema import queries_are_database
 from storage.store import FeatureStore, open_store
 from storage.synthetic_store import write_synthetic
 from storage.writer import storage_options_from
@@ -178,13 +179,9 @@ def _record_from_dict(data: dict[str, Any]) -> EpochRecord:
                        None if retrieval is None else Retrieval(dict(retrieval["map_at_k"]), retrieval["gmap_l2"]))
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _gather_objects(obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` in rank order on rank 0 (None elsewhere); ``[obj]`` on one process."""
-    if not _distributed():
+    if not is_distributed():
         return [obj]
     parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, parts, dst=0)
@@ -229,17 +226,17 @@ def _evaluate(model: AutoSSVH, url: str, protocol: str, cfg: Config, rank: int, 
               options: dict[str, Any], device: torch.device, loader_workers: int,
               labels: dict[str, np.ndarray] | None, with_pr: bool = False) -> Retrieval | None:
     """Every rank encodes its block of query (and database, unless aliased); rank 0 gets the mAP@K."""
-    query_split, db_split = stored_split(protocol, "query"), stored_split(protocol, "database")
     query = _gather_to_rank0(_encode_split(model, url, "query", cfg, rank, world, options, device,
                                            loader_workers)[0].codes)
-    db = query if db_split == query_split else _gather_to_rank0(
+    db = query if queries_are_database(protocol) else _gather_to_rank0(
         _encode_split(model, url, "database", cfg, rank, world, options, device, loader_workers)[0].codes)
     if query is None or labels is None:
         return None
     return evaluate_codes(query, labels["query"], db, labels["database"], with_pr)
 
 
-def _split_labels(store: FeatureStore) -> dict[str, np.ndarray]:
+def eval_labels(store: FeatureStore) -> dict[str, np.ndarray]:
+    """The query and database labels evaluation compares (as the store's protocol maps them)."""
     return {name: np.asarray(store.split(name).labels[:]) for name in ("query", "database")}
 
 
@@ -286,7 +283,7 @@ def _clustering_round(actor: Any, epoch: int, rank: int, world: int, num_train: 
             ok = 0
             log.warning("rank %d: clustering round of epoch %d failed (attempt %d of %d): %s", rank, epoch + 1,
                         attempt, CLUSTER_ATTEMPTS, str(err).splitlines()[0])
-        if _distributed():
+        if is_distributed():
             flag = torch.tensor([ok], dtype=torch.int32)
             if dist.get_backend() == "nccl":
                 flag = flag.cuda()
@@ -338,7 +335,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     store = open_store(url, options)
     protocol, num_train = store.info.protocol, store.num_videos("train")
-    labels = _split_labels(store) if rank == 0 else None
+    labels = eval_labels(store) if rank == 0 else None
     if rank == 0:
         run_id = _start_mlflow(loop, cfg, run_id, world)
         logged = _backfill(history, run_id, cfg)
@@ -418,7 +415,7 @@ def _final_evaluation(model: AutoSSVH, selection: str, best: dict[str, Any], sta
     import ray.train
 
     chosen = [best["model"] if rank == 0 and selection == "best-map5" else None]
-    if _distributed():
+    if is_distributed():
         dist.broadcast_object_list(chosen, src=0)
     if chosen[0] is not None:  # a separate model: the final checkpoint keeps the last epoch's weights to resume
         model = AutoSSVH(cfg).to(device)
@@ -509,6 +506,26 @@ def start_actor(cfg: Config, args: argparse.Namespace, name: str) -> Any:
                                    num_gpus=min(args.gpus_per_worker, 1.0), name=f"clustering-{name}")
 
 
+def selected_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint stands for: the selected epoch's after the final evaluation, else the last."""
+    final = state.get("final")
+    if final is not None and final["selected_epoch"] != state["epoch"]:
+        return state["best"]["model"]
+    return state["model"]
+
+
+def latest_checkpoint_file(run_dir: str) -> str | None:
+    """``checkpoint.pt`` of the latest checkpoint Ray Train registered as complete in the run folder ``run_dir``
+    (any fsspec URL); None without one. A folder being copied is not registered yet, so it is never read."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    if not fs.exists(f"{path}/{CHECKPOINT_SNAPSHOT}"):
+        return None
+    latest = json.loads(fs.cat_file(f"{path}/{CHECKPOINT_SNAPSHOT}"))["latest_checkpoint_result"]
+    return f"{run_dir.rstrip('/')}/{latest['checkpoint_dir_name']}/{CHECKPOINT_FILE}"
+
+
 def finish(checkpoint: Any, cfg: Config, mlflow_uri: str, experiment: str) -> FinishedRun:
     """Read the final checkpoint and log the result files (mAP table, PR and training curves) to its MLflow run."""
     from cluster import tracking
@@ -517,7 +534,7 @@ def finish(checkpoint: Any, cfg: Config, mlflow_uri: str, experiment: str) -> Fi
         state = load_state(Path(folder) / CHECKPOINT_FILE, checkpoint.path)
     selected_epoch = state["final"]["selected_epoch"]
     model = AutoSSVH(cfg)
-    model.load_state_dict(state["best"]["model"] if selected_epoch != state["epoch"] else state["model"])
+    model.load_state_dict(selected_weights(state))
     done = FinishedRun(model.eval(), _retrieval_from_state(state["final"]["retrieval"]), selected_epoch,
                        state["epoch"] + 1, state["mlflow_run_id"], checkpoint.path,
                        [_record_from_dict(d) for d in state["history"]])
@@ -540,13 +557,10 @@ def check_resume_compatible(storage: str, name: str, cfg: Config) -> None:
     the weights would not load. Other settings (epochs, learning rate, ...) may change between attempts."""
     import fsspec
 
-    run_dir = f"{absolute_path(storage).rstrip('/')}/{name}"
-    fs, path = fsspec.core.url_to_fs(run_dir)
-    if not fs.exists(f"{path}/{CHECKPOINT_SNAPSHOT}"):
+    checkpoint = latest_checkpoint_file(f"{absolute_path(storage).rstrip('/')}/{name}")
+    if checkpoint is None:
         return
-    latest = json.loads(fs.cat_file(f"{path}/{CHECKPOINT_SNAPSHOT}"))["latest_checkpoint_result"]
-    checkpoint = f"{run_dir}/{latest['checkpoint_dir_name']}/{CHECKPOINT_FILE}"
-    with fs.open(f"{path}/{latest['checkpoint_dir_name']}/{CHECKPOINT_FILE}", "rb") as f:
+    with fsspec.open(checkpoint, "rb") as f:
         saved = load_state(f, checkpoint)["config"]
     now = cfg.to_dict()
     differs = [f"{section}.{key}={saved[section][key]!r} (now {now[section][key]!r})"

@@ -171,7 +171,8 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
         log.error("no trial finished (%d errored); see the trial logs under %s/%s", grid.num_errors, storage, name)
         return 1
     best = max(finished, key=lambda r: r.metrics[METRIC])
-    best_cfg = trial_config(cfg.to_dict(), {k: best.config[k] for k in search_space()})
+    best_params = {k: best.config[k] for k in search_space()}
+    best_cfg = trial_config(cfg.to_dict(), best_params)
     from ray.train import Checkpoint
 
     done = finish(Checkpoint(best.metrics["checkpoint_path"]), best_cfg, mlflow_uri, args.experiment)
@@ -182,13 +183,13 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
 
         mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items() if k.startswith("map_at_")})
         mlflow.set_tags({"best_trial_run_id": done.mlflow_run_id, "best_model_uri": model_uri})
-        mlflow.log_dict({k: best.config[k] for k in search_space()}, "best_params.json")
+        mlflow.log_dict(best_params, "best_params.json")
     print(done.retrieval.table(f"sweep {name}: best of {len(finished)} finished trials (validation queries)"))
-    print(f"best params: {json.dumps({k: best.config[k] for k in search_space()})}")
+    print(f"best params: {json.dumps(best_params)}")
     print(f"model: {model_uri}\nMLflow parent run {parent_run_id}: mlflow ui --backend-store-uri {mlflow_uri}")
     if args.summary_json is not None:
         summary = {"dataset": dataset, "trials": args.trials, "finished": len(finished), "errored": grid.num_errors,
-                   "max_concurrent": concurrent, "best_params": {k: best.config[k] for k in search_space()},
+                   "max_concurrent": concurrent, "best_params": best_params,
                    "best_map_at_k": {str(k): v for k, v in done.retrieval.map_at_k.items()},
                    "parent_run_id": parent_run_id, "best_run_id": done.mlflow_run_id, "model_uri": model_uri,
                    "validation_data": val_url}

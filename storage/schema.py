@@ -40,6 +40,11 @@ def stored_split(protocol: Protocol, split: str) -> str:
     return _ALIASES[protocol].get(split, split)
 
 
+def queries_are_database(protocol: Protocol) -> bool:
+    """Whether the query and database splits are the same stored split (encode it once)."""
+    return stored_split(protocol, "query") == stored_split(protocol, "database")
+
+
 def stored_splits(protocol: Protocol) -> tuple[str, ...]:
     """The distinct splits a store of this protocol holds, in the order train, query, database."""
     return tuple(s for s in SPLITS if stored_split(protocol, s) == s)
