@@ -9,6 +9,11 @@ Density (PCL concentration) per cluster c with n_c members and squared distances
 phi_c = mean(sqrt(D_i)) / ln(n_c + 10) if n_c > 1, else the max phi over clusters with n_c > 1; clipped to its
 [10th, 90th] percentiles, then floored at ``DENSITY_FLOOR`` (the released code can reach 0 here and divide by
 zero, REFERENCE §12.2 #4), then rescaled to mean ``kmeans_temperature``.
+
+Voted centres (paper): the bitwise majority of each cluster's binary codes (:func:`autossvh.voting.vote_centers`,
+a tie gives +1), then merged to the distinct codes of the non-empty clusters
+(:func:`autossvh.voting.merge_centers`): ``im2center`` maps each video to its centre, and no granularity ever
+holds two identical centres or an empty cluster's.
 """
 
 from __future__ import annotations
@@ -19,21 +24,38 @@ import faiss
 import numpy as np
 
 from autossvh.config import ClusterConfig
-from autossvh.voting import vote_centers
+from autossvh.voting import merge_centers, vote_centers
 
 DENSITY_FLOOR = 1e-3
 
 
 @dataclass
 class ClusteringResult:
-    """One clustering round: per granularity, assignments (N,), voted centres (k, nbits) int8 +-1,
-    L2-normalised centroids (k, nbits), densities (k,) and the final k-means objective."""
+    """One clustering round, per granularity: k-means assignments ``im2cluster`` (N,), L2-normalised
+    centroids (k, nbits), densities (k,) and the final k-means objective (the prototype loss's inputs); the
+    distinct voted centres ``centers`` (k', nbits) int8 +-1 and each video's centre ``im2center`` (N,) (the
+    voted P2Set's inputs)."""
 
     im2cluster: list[np.ndarray]
     centers: list[np.ndarray]
     centroids: list[np.ndarray]
     density: list[np.ndarray]
     objective: list[float]
+    im2center: list[np.ndarray]
+
+    @classmethod
+    def empty(cls) -> ClusteringResult:
+        return cls([], [], [], [], [], [])
+
+    @property
+    def num_distinct(self) -> list[int]:
+        """Distinct voted centres per granularity."""
+        return [len(c) for c in self.centers]
+
+    @property
+    def num_empty(self) -> list[int]:
+        """k-means clusters without a member, per granularity."""
+        return [len(c) - len(np.unique(a)) for c, a in zip(self.centroids, self.im2cluster, strict=True)]
 
     def add_granularity(self, codes: np.ndarray, centroids: np.ndarray, assign: np.ndarray, sq_dist: np.ndarray,
                         objective: float, temperature: float) -> None:
@@ -41,7 +63,9 @@ class ClusteringResult:
         k = len(centroids)
         norms = np.linalg.norm(centroids, axis=1, keepdims=True)
         self.im2cluster.append(assign)
-        self.centers.append(vote_centers(codes, assign, k))
+        centers, im2center = merge_centers(vote_centers(codes, assign, k), assign)
+        self.centers.append(centers)
+        self.im2center.append(im2center)
         self.centroids.append((centroids / np.maximum(norms, 1e-12)).astype(np.float32))
         self.density.append(cluster_density(sq_dist, assign, k, temperature))
         self.objective.append(objective)
@@ -100,7 +124,7 @@ def cluster_codes(
     densities and the bitwise-majority centres of the binary codes (N, nbits) of each cluster's members."""
     if len(features) != len(codes):
         raise ValueError(f"cluster_codes: {len(features)} feature rows but {len(codes)} code rows")
-    result = ClusteringResult([], [], [], [], [])
+    result = ClusteringResult.empty()
     for seed, k in enumerate(cfg.num_cluster):
         result.add_granularity(codes, *kmeans(features, k, seed, cfg, use_gpu), cfg.kmeans_temperature)
     return result

@@ -14,6 +14,9 @@ Keys keep the upstream names (``nbits``, ``max_frames``, ``mask_prob``, ``num_cl
 Table 3 is a switch: ``sampler.grl=false`` (I), ``sampler.kind=random`` (II), ``loss.reconstruction=false``
 (VI), ``loss.view_contrastive=false`` (VII), ``loss.p2set=false`` (VIII).
 
+A key set explicitly (YAML or override) that does nothing under the rest of the config (``sampler.tau`` with
+the random sampler, ``loss.b`` without P2Set, ...) is named in a warning (:func:`inert_keys`).
+
 Where the paper and the released config disagree, the presets keep the released value (FCVID: ``a = 1.0``
 and ``num_cluster = [250, 500, 1000]``; the paper states ``a = 0.2`` and ``[250, 400, 600]``; ActivityNet:
 12/2 layers where the paper states 6/1).
@@ -22,6 +25,7 @@ and ``num_cluster = [250, 500, 1000]``; the paper states ``a = 0.2`` and ``[250,
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,9 +34,12 @@ from typing import Any, Literal
 
 import yaml
 
+log = logging.getLogger(__name__)
+
 Recipe = Literal["paper", "released"]
 SamplerKind = Literal["adversarial", "random"]
 CenterKind = Literal["voted", "prototype"]
+HashLayer = Literal["paper", "released"]
 
 DATASETS = ("activitynet", "fcvid", "ucf101", "hmdb51")
 RECIPES = ("paper", "released")
@@ -48,14 +55,21 @@ class DataConfig:
 
     feature_size: int = 4096
     max_frames: int = 25
-    data_drop_rate: float = 0.0  # inverted dropout on the encoder input in training; applied only if > 0.01
+    data_drop_rate: float = 0.0  # inverted dropout on the encoder input in training: 0, or above 0.01 (released)
 
 
 @dataclass
 class ModelConfig:
-    """Transformer sizes; the defaults are the released 'small' model (REFERENCE.md §3.1)."""
+    """Transformer sizes; the defaults are the released 'small' model (REFERENCE.md §3.1).
+
+    ``hash_layer``: ``released`` binarises every frame (LayerNorm, sign with a hard-tanh straight-through
+    gradient) and a view's training code is the mean of its binary frame codes; ``paper`` (Eq. 6-7) keeps
+    soft per-frame codes tanh(LayerNorm(.)) and a view's training code is sign(mean) with a straight-through
+    gradient. Retrieval codes are sign(mean over all frames) of the per-frame codes in both.
+    """
 
     nbits: int = 64
+    hash_layer: HashLayer = "released"
     hidden_size: int = 256
     encoder_depth: int = 12
     encoder_heads: int = 6
@@ -69,16 +83,22 @@ class ModelConfig:
 class SamplerConfig:
     """Which frames each view hides (and the decoder reconstructs).
 
-    ``adversarial``: Grade-Net scores, Gumbel top-K with a straight-through estimator, K = int(mask_prob *
-    max_frames) hidden frames per view, gradient reversal between sampler and hashing network.
+    ``adversarial``: Grade-Net logits, Gumbel top-K with a straight-through estimator, K = int(mask_prob *
+    max_frames) hidden frames per view, gradient reversal between sampler and hashing network (``grl``).
+    ``tau`` is the paper's noise level: each view hides the top K of logits / tau + Gumbel(0, 1) noise, the
+    logits standardised per video.
+    ``reconstruction_weight`` weights each hidden frame's reconstruction error by its selection (the path by
+    which the sampler hears L_FR directly); the token gate on visible frames carries all three losses.
+    ``lr_scale`` multiplies ``train.lr`` for Grade-Net's parameters.
     ``random``: the released complementary random masks (REFERENCE.md §2.2).
     """
 
     kind: SamplerKind = "adversarial"
     mask_prob: float = 0.5
     grl: bool = True
-    gumbel_noise_scale: float = 10.0  # std of the extra Gaussian noise (released SampleNet); the paper's tau
-    gumbel_temperature: float = 0.5  # softmax temperature over frames (released SampleNet)
+    tau: float = 10.0  # chosen on a validation store (README: the sampler choosing less scored higher)
+    reconstruction_weight: bool = True
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -93,11 +113,15 @@ class LossConfig:
     b: float = 0.2
     temperature: float = 0.5  # debiased contrastive loss tau
     tau_plus: float = 0.1  # debiased contrastive loss class prior
+    p2set_temperature: float = 0.2  # P2Set against voted centres: one temperature (paper Eq. 16)
 
 
 @dataclass
 class ClusterConfig:
-    """Multi-granularity k-means on the training codes, every epoch from ``warmup_epoch`` on (REFERENCE §7.2)."""
+    """Multi-granularity k-means on the training codes, every epoch from ``warmup_epoch`` on (REFERENCE §7.2).
+
+    ``kmeans_temperature`` is the mean of the per-cluster density temperatures of the prototype loss (PCL).
+    """
 
     num_cluster: list[int] = field(default_factory=lambda: [250, 400, 600])
     warmup_epoch: int = 50
@@ -145,10 +169,6 @@ class Config:
         """Frames each view hides: int(mask_prob * max_frames), as the released mask generator truncates."""
         return int(self.sampler.mask_prob * self.data.max_frames)
 
-    @property
-    def num_visible(self) -> int:
-        return self.data.max_frames - self.num_hidden
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -193,9 +213,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "paper": {"sampler.kind": "adversarial", "loss.centers": "voted"},
-    "released": {"sampler.kind": "random", "loss.centers": "prototype"},
+    "paper": {"sampler.kind": "adversarial", "loss.centers": "voted", "model.hash_layer": "released"},
+    "released": {"sampler.kind": "random", "loss.centers": "prototype", "model.hash_layer": "released"},
 }
+# Keys of earlier versions that saved configs may still hold; loading a saved config skips them.
+RETIRED_KEYS = frozenset({"sampler.gumbel_noise_scale", "sampler.gumbel_temperature"})
+# Values a saved config that lacks the key was trained with (the key did not exist yet).
+LEGACY_VALUES = {"model.hash_layer": "released"}
 
 
 def build_config(
@@ -223,7 +247,48 @@ def build_config(
     for values in (PRESETS[dataset], RECIPE_DEFAULTS[recipe], updates):
         for key, value in values.items():
             set_value(cfg, key, value)
+    cfg.validate()
+    for key, reason in inert_keys(cfg, updates):
+        log.warning("%s is set but does nothing: %s", key, reason)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a validated :class:`Config` from :meth:`Config.to_dict` output (retired keys are skipped)."""
+    cfg = build_config(data["dataset"], data["recipe"])
+    saved = {f"{section}.{key}": value for section, values in data.items() if isinstance(values, dict)
+             for key, value in values.items()}
+    for key, value in (LEGACY_VALUES | saved).items():
+        if key not in RETIRED_KEYS:
+            set_value(cfg, key, value)
     return cfg.validate()
+
+
+def inert_keys(cfg: Config, keys: typing.Iterable[str]) -> list[tuple[str, str]]:
+    """Those of ``keys`` (dotted) that have no effect under ``cfg``, each with the reason."""
+    s, lo = cfg.sampler, cfg.loss
+    rules: list[tuple[bool, tuple[str, ...], str]] = [
+        (s.kind == "random", ("sampler.grl", "sampler.tau", "sampler.reconstruction_weight", "sampler.lr_scale"),
+         "sampler.kind=random draws the masks without Grade-Net"),
+        (not lo.reconstruction, ("sampler.reconstruction_weight",), "loss.reconstruction=false"),
+        (not lo.view_contrastive, ("loss.a", "loss.temperature", "loss.tau_plus"), "loss.view_contrastive=false"),
+        (not lo.p2set, ("loss.b", "loss.centers", "loss.p2set_temperature", "cluster.num_cluster",
+                        "cluster.warmup_epoch", "cluster.kmeans_temperature", "cluster.niter", "cluster.nredo",
+                        "cluster.max_points_per_centroid", "cluster.min_points_per_centroid",
+                        "cluster.num_shards"), "loss.p2set=false (no clustering runs)"),
+        (lo.p2set and lo.centers == "voted", ("cluster.kmeans_temperature",),
+         "loss.centers=voted uses loss.p2set_temperature, not the prototype densities"),
+        (lo.p2set and lo.centers == "prototype", ("loss.p2set_temperature",),
+         "loss.centers=prototype uses per-cluster densities of mean cluster.kmeans_temperature"),
+    ]
+    wanted = set(keys)
+    found: dict[str, str] = {}
+    for applies, names, reason in rules:
+        if applies:
+            for name in names:
+                if name in wanted:
+                    found.setdefault(name, reason)
+    return sorted(found.items())
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -341,7 +406,8 @@ def _validate(cfg: Config) -> None:
     d, m, s, lo, c, t = cfg.data, cfg.model, cfg.sampler, cfg.loss, cfg.cluster, cfg.train
     _require(d.feature_size >= 1, "data.feature_size", "must be >= 1", d.feature_size)
     _require(d.max_frames >= 2, "data.max_frames", "must be >= 2", d.max_frames)
-    _require(0.0 <= d.data_drop_rate < 1.0, "data.data_drop_rate", "must be in [0, 1)", d.data_drop_rate)
+    _require(d.data_drop_rate == 0.0 or 0.01 < d.data_drop_rate < 1.0, "data.data_drop_rate",
+             "must be 0 or in (0.01, 1): the released code applies input dropout only above 0.01", d.data_drop_rate)
     _require(m.nbits > 0 and m.nbits % 8 == 0, "model.nbits", "must be a positive multiple of 8", m.nbits)
     for key in ("hidden_size", "encoder_depth", "encoder_heads", "decoder_dim", "decoder_depth", "decoder_heads"):
         _require(getattr(m, key) >= 1, f"model.{key}", "must be >= 1", getattr(m, key))
@@ -355,14 +421,15 @@ def _validate(cfg: Config) -> None:
     _require(1 <= k < d.max_frames, "sampler.mask_prob",
              f"hides K = int(mask_prob * max_frames) = {k} frames; K must be >= 1 and smaller than "
              f"data.max_frames = {d.max_frames}", s.mask_prob)
-    _require(s.gumbel_noise_scale >= 0, "sampler.gumbel_noise_scale", "must be >= 0", s.gumbel_noise_scale)
-    _require(s.gumbel_temperature > 0, "sampler.gumbel_temperature", "must be > 0", s.gumbel_temperature)
+    _require(s.tau > 0, "sampler.tau", "must be > 0", s.tau)
+    _require(s.lr_scale > 0, "sampler.lr_scale", "must be > 0", s.lr_scale)
     _require(lo.reconstruction or lo.view_contrastive or lo.p2set, "loss",
              "at least one of reconstruction, view_contrastive, p2set must be on", "all off")
     _require(lo.a >= 0, "loss.a", "must be >= 0", lo.a)
     _require(lo.b >= 0, "loss.b", "must be >= 0", lo.b)
     _require(lo.temperature > 0, "loss.temperature", "must be > 0", lo.temperature)
     _require(0 <= lo.tau_plus < 1, "loss.tau_plus", "must be in [0, 1)", lo.tau_plus)
+    _require(lo.p2set_temperature > 0, "loss.p2set_temperature", "must be > 0", lo.p2set_temperature)
     _require(len(c.num_cluster) >= 1 and all(n >= 2 for n in c.num_cluster), "cluster.num_cluster",
              "must be a non-empty list of integers >= 2", c.num_cluster)
     _require(c.warmup_epoch >= 0, "cluster.warmup_epoch", "must be >= 0", c.warmup_epoch)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from autossvh.clustering import ClusteringResult, cluster_codes
-from autossvh.config import Config, build_config, set_value
+from autossvh.config import Config, config_from_dict
 from autossvh.losses import ClusterTargets, autossvh_loss
 from autossvh.metrics import gmap_l2, map_at_k, precision_recall_by_radius
 from autossvh.model import AutoSSVH, video_codes
@@ -27,8 +27,19 @@ Batch = Tensor | tuple[Tensor, Tensor] | list[Tensor]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Adam over all parameters (the released optimiser), with the fused kernel (same update, one pass)."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+    """Adam over all parameters (the released optimiser), with the fused kernel (same update, one pass).
+
+    With ``sampler.lr_scale`` != 1 Grade-Net's parameters form a second group at ``lr * lr_scale``; the
+    first group is the hashing network's, whose learning rate the logs report."""
+    lr, scale = cfg.train.lr, cfg.sampler.lr_scale
+    grade_net = getattr(getattr(model, "encoder", None), "grade_net", None)
+    if grade_net is None or scale == 1.0:
+        groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    else:
+        sampler_ids = {id(p) for p in grade_net.parameters()}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in sampler_ids]},
+                  {"params": list(grade_net.parameters()), "lr": lr * scale}]
+    return torch.optim.Adam(groups, lr=lr, weight_decay=cfg.train.weight_decay, fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
@@ -141,7 +152,7 @@ def train_one_epoch(
         videos += feats.shape[0]
         sums["loss"] += float(loss.detach())
         for key, value in parts.items():
-            sums[key] += float(value)
+            sums[key] += float(value.detach())
     seconds = time.perf_counter() - start
     mean = {key: value / max(steps, 1) for key, value in sums.items()}
     return EpochStats(**mean, steps=steps, skipped_steps=skipped, videos=videos, seconds=seconds)
@@ -232,16 +243,6 @@ def save_model(path: str | Path, model: AutoSSVH) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"config": model.cfg.to_dict(), "model": model.state_dict()}, tmp)
     tmp.replace(path)
-
-
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a validated :class:`Config` from :meth:`Config.to_dict` output."""
-    cfg = build_config(data["dataset"], data["recipe"])
-    for section, values in data.items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                set_value(cfg, f"{section}.{key}", value)
-    return cfg.validate()
 
 
 class UnsafeFileError(ValueError):

@@ -7,9 +7,11 @@
   L2-normalised codes.
 * P2Set (§6.4-6.6), from the first post-warm-up clustering on; averaged over granularities and views:
   - ``centers = "voted"`` (paper): each view's code is pulled towards its cluster's component-voted binary
-    centre c (bitwise majority of the members' codes) against every other centre of that granularity:
-    cross-entropy over cos(z, c) / kmeans_temperature, c normalised by sqrt(nbits). This is the paper's
-    deviation-free reading of Eq. 16 with one global temperature; the released code has no vote.
+    centre c (bitwise majority of the members' codes) against every other distinct centre of that
+    granularity: cross-entropy over cos(z, c) / ``loss.p2set_temperature``. Clusters whose votes coincide
+    share one centre and empty clusters have none (``autossvh.voting.merge_centers``), so no centre is ever a
+    negative of itself. This is the paper's reading of Eq. 16 with one global temperature; the released
+    code has no vote.
   - ``centers = "prototype"`` (released): PCL's ProtoNCE against the L2-normalised continuous centroids with
     per-cluster density temperatures; B positives (with duplicates) plus min(B, #other clusters) sampled
     negative prototypes.
@@ -36,20 +38,22 @@ class ClusterTargets:
     """A clustering result as tensors on the training device, built once per epoch."""
 
     im2cluster: list[Tensor]
-    centers: list[Tensor]  # voted +-1 centres, float
+    centers: list[Tensor]  # distinct voted +-1 centres, float
     centroids: list[Tensor]
     density: list[Tensor]
+    im2center: list[Tensor]
 
     @classmethod
     def from_result(cls, result: ClusteringResult, device: torch.device | str) -> ClusterTargets:
         def to(arrays: list[np.ndarray], dtype: torch.dtype) -> list[Tensor]:
-            return [torch.as_tensor(a).to(device=device, dtype=dtype) for a in arrays]
+            return [torch.tensor(np.asarray(a), dtype=dtype, device=device) for a in arrays]  # copies: never shares
 
         return cls(
             im2cluster=to(result.im2cluster, torch.long),
             centers=to(result.centers, torch.float32),
             centroids=to(result.centroids, torch.float32),
             density=to(result.density, torch.float32),
+            im2center=to(result.im2center, torch.long),
         )
 
 
@@ -86,12 +90,12 @@ def debiased_contrastive_loss(z1: Tensor, z2: Tensor, temperature: float, tau_pl
 
 
 def voted_p2set_loss(codes: Tensor, index: Tensor, targets: ClusterTargets, temperature: float) -> Tensor:
-    """Point-to-set loss against component-voted binary centres for one view's codes (B, nbits)."""
+    """Point-to-set loss against the distinct component-voted binary centres for one view's codes (B, nbits)."""
     z = F.normalize(codes.float(), dim=-1)
     losses = []
-    for im2cluster, centers in zip(targets.im2cluster, targets.centers, strict=True):
+    for im2center, centers in zip(targets.im2center, targets.centers, strict=True):
         logits = z @ (centers / math.sqrt(centers.shape[1])).T / temperature
-        losses.append(F.cross_entropy(logits, im2cluster[index]))
+        losses.append(F.cross_entropy(logits, im2center[index]))
     return torch.stack(losses).mean()
 
 
@@ -120,7 +124,8 @@ def autossvh_loss(
     targets: ClusterTargets | None,
     gather: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss and its detached parts (``rec``, ``vc``, ``p2set``) for one training forward.
+    """Total loss and its unweighted parts (``rec``, ``vc``, ``p2set``, still in the graph) for one training
+    forward.
 
     ``gather`` (data-parallel training) concatenates a per-rank tensor over all ranks, keeping the gradient
     of the local rows: the view-contrastive and P2Set terms then see the global batch, so the loss does not
@@ -136,9 +141,9 @@ def autossvh_loss(
     p2set = zero
     if lo.p2set and targets is not None:
         if lo.centers == "voted":
-            temp = cfg.cluster.kmeans_temperature
+            temp = lo.p2set_temperature
             p2set = (voted_p2set_loss(z1, index, targets, temp) + voted_p2set_loss(z2, index, targets, temp)) / 2
         else:
             p2set = (prototype_loss(z1, index, targets) + prototype_loss(z2, index, targets)) / 2
     total = rec + lo.a * vc + lo.b * p2set
-    return total, {"rec": rec.detach(), "vc": vc.detach(), "p2set": p2set.detach()}
+    return total, {"rec": rec, "vc": vc, "p2set": p2set}

@@ -8,18 +8,38 @@ position table; Xavier-uniform init inside encoder and decoder, PyTorch defaults
 A training forward builds two views of every video and runs them through the encoder as ONE batch of 2B
 sequences (view-major: rows 0..B-1 are view 1, rows B..2B-1 view 2):
 
-* ``sampler.kind = "adversarial"`` (paper §3.2, §3.6): Grade-Net scores each frame; two Gumbel draws on the
-  same scores give two views; the top-K frames of each draw are HIDDEN (masked, reconstructed). The forward
-  value of the selection is exactly multi-hot; its backward is the Gumbel-softmax gradient (straight-through
-  estimator). A gradient reversal layer sits between sampler and hashing network, so one backward pass
-  descends the hashing network and ascends the sampler. The selection reaches the loss on two paths:
-  visible tokens are scaled by (1 - selection) (value 1) and each hidden frame's reconstruction error by the
-  selection (value 1), so the sampler learns to hide frames that are hard to reconstruct and views that are
-  hard to match. Grade-Net reads the embedded frames detached, so the sampler's and the hashing network's
-  parameters are disjoint (paper Eq. 18).
+* ``sampler.kind = "adversarial"`` (paper §3.2, §3.6): Grade-Net gives every frame a logit (the pre-sigmoid
+  score, so no sigmoid saturation stops it), standardised per video (zero mean, unit deviation over its
+  frames; never over the batch, so a video's views do not depend on its batch-mates). Each view hides the top
+  K of logits / tau + Gumbel(0, 1): two independent draws on the same logits give the two views, so
+  ``sampler.tau`` is the paper's noise level "ensuring different frame sets for the two views". The
+  standardisation is what keeps tau meaningful: a scorer can lift one frame up to sqrt(T - 1) deviations above
+  the others (hidden in every draw at tau = 1), but not all K at once, so the views keep differing; without
+  it the logits grow until both views hide the same frames (measured: view overlap 0.87, README). The forward
+  value of the selection is exactly K-hot; its backward is a relaxed top-K of the same perturbed logits (a
+  sigmoid around the K-th largest, normalised to sum to K), a straight-through estimator. A gradient
+  reversal layer sits between sampler and hashing network, so one backward pass descends the hashing
+  network and ascends the sampler.
+  Grade-Net reads the embedded frames detached, so the sampler's and the hashing network's parameters are
+  disjoint (paper Eq. 18); its output layer starts at zero, so the first draws are uniformly random.
+  The selection reaches the loss on three paths, documented design choices (their shares of the scorer's
+  gradient: ``benchmarks/bench_sampler.py``):
+  - the token gate: every visible token is scaled by (1 - selection) (value 1), so the sampler hears all
+    three losses through the encoder; the encoder's LayerNorms make it nearly scale-invariant, so this path
+    is weak;
+  - the pooling gate: a view's code is the mean of its visible frames' codes weighted by (1 - selection)
+    (value 1), so the sampler hears L_VC and L_P2Set directly: which frames pull the view's code towards
+    the other view and towards its centre;
+  - ``sampler.reconstruction_weight``: each hidden frame's reconstruction error is scaled by its selection
+    (value 1), so the sampler hears directly which hidden frames are hard to reconstruct; switching it off
+    is an ablation.
 * ``sampler.kind = "random"``: the released complementary random masks (REFERENCE.md §2.2).
 
-The decoder receives the true frame positions of visible and hidden frames.
+Hash layer (``model.hash_layer``): ``released`` binarises every frame, u -> sign(u) with the hard-tanh
+straight-through gradient, after Linear + LayerNorm, and a view's training code is the mean of its visible
+frames' binary codes; ``paper`` (Eq. 6-7) keeps soft frame codes tanh(u) and a view's training code is
+sign(mean) with a straight-through gradient. The decoder reads the per-frame codes in both, with the true
+frame positions of visible and hidden frames.
 """
 
 from __future__ import annotations
@@ -86,7 +106,8 @@ class Block(nn.Module):
 
 
 class GradeNet(nn.Module):
-    """Per-frame score in (0, 1): sigmoid(Linear(e + LN(Linear(GELU(Linear(e)))))) (paper Eq. 1)."""
+    """Per-frame logit Linear(e + LN(Linear(GELU(Linear(e))))) (paper Eq. 1 before its sigmoid): the score is
+    sigmoid(logit); sampling works on the logit so that no saturation bounds it."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -96,7 +117,7 @@ class GradeNet(nn.Module):
         self.out = nn.Linear(dim, 1)
 
     def forward(self, e: Tensor) -> Tensor:
-        return torch.sigmoid(self.out(e + self.norm(self.fc2(F.gelu(self.fc1(e)))))).squeeze(-1)
+        return self.out(e + self.norm(self.fc2(F.gelu(self.fc1(e))))).squeeze(-1)
 
 
 class GradientReversal(torch.autograd.Function):
@@ -118,20 +139,44 @@ def binarize(u: Tensor) -> Tensor:
     return soft + (hard - soft).detach()
 
 
-def gumbel_topk(scores: Tensor, k: int, noise_scale: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """Gumbel top-K with a straight-through estimator over the last dim of ``scores`` (B, T).
+def sign_ste(x: Tensor) -> Tensor:
+    """+1 where x > 0 else -1, with the identity gradient (straight-through, Bengio et al. 2013)."""
+    return x + (torch.where(x > 0, 1.0, -1.0).to(x.dtype) - x).detach()
 
-    Returns (hard, selection): ``hard`` is the multi-hot top-K (exactly k ones per row) and ``selection``
-    equals ``hard`` in value with the gradient of the Gumbel-softmax probabilities. Noise as in the released
-    SampleNet: Gumbel(0, 1) plus ``noise_scale`` * N(0, 1), standardised per video, softmax at ``temperature``.
+
+def relaxed_topk(keys: Tensor, k: int) -> Tensor:
+    """Continuous K-hot relaxation of top-K over the last dim, for the straight-through backward.
+
+    sigmoid(key - threshold), the threshold being the midpoint of the K-th and (K+1)-th largest keys (held
+    constant), rescaled to sum to K. Above the others exactly at the top K and the hard top-K as the keys
+    separate. Like the inclusion probabilities of Gumbel top-K sampling it sums to K, so its gradient is
+    zero-sum: raising one frame's key lowers the others' share, and frames compete for the K places.
+    (The successive-softmax relaxation of Xie & Ermon 2019 lets a far-ahead frame be counted twice at any
+    finite temperature.)"""
+    top = keys.detach().topk(min(k + 1, keys.shape[-1]), dim=-1).values
+    soft = torch.sigmoid(keys - top[..., k - 1:].mean(dim=-1, keepdim=True))
+    return k * soft / soft.sum(dim=-1, keepdim=True)
+
+
+def standardize(logits: Tensor) -> Tensor:
+    """Per video: zero mean and unit standard deviation over the frames (all-equal logits stay at 0)."""
+    centred = logits - logits.mean(-1, keepdim=True)
+    return centred / (centred.std(-1, keepdim=True) + 1e-6)
+
+
+def gumbel_topk(logits: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor]:
+    """Gumbel top-K with a straight-through estimator over the last dim of ``logits`` (N, T).
+
+    Draws the top K of logits / tau + Gumbel(0, 1), which samples K frames without replacement with
+    probabilities proportional to exp(logit / tau). Returns (hard, selection): ``hard`` is the multi-hot
+    top-K (exactly k ones per row) and ``selection`` equals ``hard`` in value with the gradient of the
+    relaxed top-K (:func:`relaxed_topk`) of the same perturbed logits.
     """
-    uniform = torch.rand_like(scores)
-    gumbel = -torch.log(-torch.log(uniform + 1e-20) + 1e-20)
-    logits = scores + gumbel + noise_scale * torch.randn_like(scores)
-    logits = (logits - logits.mean(-1, keepdim=True)) / (logits.std(-1, keepdim=True) + 1e-6)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    hard = torch.zeros_like(probs).scatter_(-1, probs.topk(k, dim=-1).indices, 1.0)
-    return hard, hard - probs.detach() + probs
+    uniform = torch.rand_like(logits)
+    keys = logits / tau - torch.log(-torch.log(uniform.clamp(1e-20, 1.0)) + 1e-20)
+    hard = torch.zeros_like(keys).scatter_(-1, keys.topk(k, dim=-1).indices, 1.0)
+    soft = relaxed_topk(keys, k)
+    return hard, hard - soft.detach() + soft
 
 
 def random_complementary_masks(batch: int, frames: int, num_hidden: int, device: torch.device) -> Tensor:
@@ -149,7 +194,7 @@ def random_complementary_masks(batch: int, frames: int, num_hidden: int, device:
 class TrainOutput:
     """What the losses need from one training forward (2B rows, view-major)."""
 
-    codes: Tensor  # (2B, nbits) mean of the visible frames' binary codes, in [-1, 1]
+    codes: Tensor  # (2B, nbits) view codes: mean of the visible frames' codes (released) or its sign (paper)
     recon: Tensor  # (2B, n_hidden, F) predictions of the hidden frames, temporal order
     target: Tensor  # (2B, n_hidden, F) the raw (un-dropped) hidden frames
     frame_weight: Tensor | None  # (2B, n_hidden) sampler selection at hidden frames (value 1), adversarial only
@@ -203,8 +248,9 @@ class AutoSSVH(nn.Module):
         feature_size, max_frames: input (B, T, F) frame features.
         nbits: code length; hidden_size / encoder_depth / encoder_heads: encoder; decoder_*: decoder.
         data_drop_rate: inverted dropout on the input in training (targets stay un-dropped).
-        sampler.kind, mask_prob (K = int(mask_prob * T) hidden frames per view), grl, gumbel_noise_scale,
-        gumbel_temperature.
+        hash_layer: ``released`` (binary frames, mean) or ``paper`` (tanh frames, sign of the mean).
+        sampler.kind, mask_prob (K = int(mask_prob * T) hidden frames per view), grl, tau (Gumbel noise level),
+        reconstruction_weight (selection-weighted reconstruction errors).
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -221,15 +267,34 @@ class AutoSSVH(nn.Module):
         _init_xavier(self.encoder)
         _init_xavier(self.decoder)
         trunc_normal_(self.mask_token, std=0.02)
+        if self.encoder.grade_net is not None:  # uniformly random draws until the scorer has learned something
+            nn.init.zeros_(self.encoder.grade_net.out.weight)
 
     def frame_codes(self, tokens: Tensor) -> Tensor:
-        """Binary (+-1) per-frame codes of embedded tokens (N, n, hidden) → (N, n, nbits)."""
-        return binarize(self.hash_norm(self.hash(self.encoder(tokens))))
+        """Per-frame codes of embedded tokens (N, n, hidden) → (N, n, nbits): +-1 (released) or tanh (paper)."""
+        u = self.hash_norm(self.hash(self.encoder(tokens)))
+        return torch.tanh(u) if self.cfg.model.hash_layer == "paper" else binarize(u)
+
+    def view_codes(self, frame_codes: Tensor, weights: Tensor | None = None) -> Tensor:
+        """A view's training code from its frame codes (N, n, nbits): the mean (released) or its sign (paper).
+        ``weights`` (N, n), of value 1, carry the sampler's pooling gate into the mean."""
+        if weights is None:
+            mean = frame_codes.mean(dim=1)
+        else:
+            mean = (frame_codes * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+        return sign_ste(mean) if self.cfg.model.hash_layer == "paper" else mean
 
     @torch.no_grad()
     def encode_frames(self, x: Tensor) -> Tensor:
-        """Per-frame binary codes over ALL frames, no sampler, no dropout: (B, T, F) → (B, T, nbits)."""
+        """Per-frame codes over ALL frames, no sampler, no dropout: (B, T, F) → (B, T, nbits)."""
         return self.frame_codes(self.encoder.embed(x) + self.encoder.pos)
+
+    @torch.no_grad()
+    def frame_logits(self, x: Tensor) -> Tensor:
+        """Grade-Net's logit of every frame (B, T, F) → (B, T); the adversarial sampler only."""
+        if self.encoder.grade_net is None:
+            raise ValueError("frame_logits: this model has no Grade-Net (sampler.kind=random)")
+        return self.encoder.grade_net(self.encoder.embed(x) + self.encoder.pos).float()
 
     def sample_views(self, embedded: Tensor) -> tuple[Tensor, Tensor | None]:
         """Hidden masks (2B, T) for the two views and, for the adversarial sampler, the STE selection (2B, T)."""
@@ -238,8 +303,8 @@ class AutoSSVH(nn.Module):
         s = self.cfg.sampler
         if self.encoder.grade_net is None:
             return random_complementary_masks(b, t, k, embedded.device), None
-        scores = self.encoder.grade_net(embedded.detach()).float().repeat(2, 1)  # fp32 under autocast too
-        hard, selection = gumbel_topk(scores, k, s.gumbel_noise_scale, s.gumbel_temperature)
+        logits = standardize(self.encoder.grade_net(embedded.detach()).float()).repeat(2, 1)  # fp32 under autocast
+        hard, selection = gumbel_topk(logits, k, s.tau)
         if s.grl:
             selection = GradientReversal.apply(selection)
         return hard.bool(), selection
@@ -265,13 +330,15 @@ class AutoSSVH(nn.Module):
         rows = torch.arange(2 * b, device=x.device)[:, None]
         video = rows % b
         tokens = embedded[video, visible_idx]
-        frame_weight = None
+        frame_weight = gate = None
         if selection is not None:
-            tokens = tokens * (1.0 - selection[rows, visible_idx]).unsqueeze(-1)
-            frame_weight = selection[rows, hidden_idx]
+            gate = 1.0 - selection[rows, visible_idx]
+            tokens = tokens * gate.unsqueeze(-1)
+            if self.cfg.sampler.reconstruction_weight:
+                frame_weight = selection[rows, hidden_idx]
         h = self.frame_codes(tokens)
         return TrainOutput(
-            codes=h.mean(dim=1),
+            codes=self.view_codes(h, gate),
             recon=self.decoder(self.decoder_tokens(h, visible_idx, hidden_idx), k),
             target=x[video, hidden_idx],
             frame_weight=frame_weight,
@@ -284,7 +351,3 @@ def video_codes(frame_codes: Tensor) -> tuple[Tensor, Tensor]:
     L2-normalised mean codes that k-means clusters."""
     mean = frame_codes.mean(dim=1)
     return torch.sign(mean), F.normalize(mean, dim=-1)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

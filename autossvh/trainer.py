@@ -1,13 +1,15 @@
 """Single-process training on in-memory arrays: the released training loop (REFERENCE §7) in one process.
 
 Per epoch: a clustering round if P2Set is on and the epoch is past warm-up, then one training epoch, then one
-scheduler step; evaluation every ``train.eval_every`` epochs and after the last one. Distributed training
-reuses the same engine pieces.
+scheduler step and the sampler's diagnostics on the first training videos (``autossvh.diagnostics``);
+evaluation every ``train.eval_every`` epochs and after the last one. Distributed training reuses the same
+engine pieces.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 
 from autossvh.config import Config
+from autossvh.diagnostics import PROBE_VIDEOS, SamplerDiagnostics, sampler_diagnostics
 from autossvh.engine import (
     EpochStats,
     NonFiniteGuard,
@@ -41,13 +44,14 @@ log = logging.getLogger(__name__)
 class RetrievalData:
     """Train features and labelled query/database splits as arrays. Pass the same array object for
     ``query`` and ``database`` (FCVID protocol) or for ``database`` and ``train`` (UCF101/HMDB51) to encode
-    it once."""
+    it once. ``train_signal`` (N, T): the true per-frame class signal of generated data, for diagnostics."""
 
     train: np.ndarray
     query: np.ndarray
     query_labels: np.ndarray
     database: np.ndarray
     database_labels: np.ndarray
+    train_signal: np.ndarray | None = None
 
 
 @dataclass
@@ -58,6 +62,8 @@ class EpochRecord:
     cluster_seconds: float = 0.0
     kmeans_objective: list[float] = field(default_factory=list)
     retrieval: Retrieval | None = None
+    distinct_centers: list[int] = field(default_factory=list)
+    sampler: SamplerDiagnostics | None = None
 
 
 @dataclass
@@ -119,20 +125,22 @@ def fit(
     epochs = cfg.train.num_epochs
     for epoch in range(epochs):
         lr = optimizer.param_groups[0]["lr"]
-        targets, cluster_seconds, objective = None, 0.0, []
+        targets, cluster_seconds, objective, distinct = None, 0.0, [], []
         if should_cluster(cfg, epoch):
             result, cluster_seconds = clustering_round(
                 model, array_batches(data.train, cfg.train.test_batch_size), cfg, device)
-            objective = result.objective
+            objective, distinct = result.objective, result.num_distinct
             targets = ClusterTargets.from_result(result, device)
         index_batches = shuffled_batches(len(data.train), cfg.train.batch_size, generator)
         stats = train_one_epoch(model, _train_batches(data.train, index_batches), optimizer, cfg, device, targets,
                                 guard=guard)
         scheduler.step()
+        signal = None if data.train_signal is None else data.train_signal[:PROBE_VIDEOS]
+        diagnostics = sampler_diagnostics(model, torch.from_numpy(np.asarray(data.train[:PROBE_VIDEOS])), signal)
         evaluation = None
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
             evaluation = retrieval = evaluate_model(model, data, device, with_pr=epoch + 1 == epochs)
-        record = EpochRecord(epoch, lr, stats, cluster_seconds, objective, evaluation)
+        record = EpochRecord(epoch, lr, stats, cluster_seconds, objective, evaluation, distinct, diagnostics)
         history.append(record)
         elapsed = time.perf_counter() - start
         log.info(epoch_line(record, epochs, elapsed / (epoch + 1) * (epochs - epoch - 1)))
@@ -147,6 +155,8 @@ def epoch_line(record: EpochRecord, epochs: int, eta: float, eval_seconds: float
     s = record.stats
     line = (f"epoch {record.epoch + 1}/{epochs} loss {s.loss:.4f} (rec {s.rec:.4f} vc {s.vc:.4f} "
             f"p2set {s.p2set:.4f}) lr {record.lr:.2e} {s.videos_per_s:.0f} videos/s train {s.seconds:.1f}s")
+    if record.sampler is not None and math.isfinite(record.sampler.selectivity):
+        line += f" selectivity {record.sampler.selectivity:.2f}"
     if record.cluster_seconds:
         line += f" clustering {record.cluster_seconds:.1f}s"
     if s.skipped_steps:

@@ -5,6 +5,11 @@ sum_j 0.5 * (nbits - c . b_j) = 0.5 * (M * nbits - c . S) with S = sum_j b_j, so
 c_k = sign(S_k) (App. A.1). Where S_k = 0 both signs are optimal; the paper leaves this open (REFERENCE.md
 §6.6), and this module fixes the TIE RULE: a tie gives +1. An empty cluster has S = 0 and gets the all-(+1)
 centre.
+
+P2Set needs each granularity's centres to be distinct: two k-means clusters whose votes coincide would make
+one centre a negative of its own positive (the loss is then floored at log 2 and pushes codes away from
+popular centres). :func:`merge_centers` keeps one row per distinct voted code of the non-empty clusters and
+maps every video to it, so merged clusters share one target and empty clusters never enter the logits.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["hamming_to_set", "vote_centers"]
+__all__ = ["merge_centers", "vote_centers"]
 
 
 def _codes_array(x: Any, name: str) -> np.ndarray:
@@ -59,17 +64,16 @@ def vote_centers(codes: Any, assignment: Any, n_clusters: int) -> np.ndarray:
     return np.where(sums.numpy() >= 0, 1, -1).astype(np.int8)
 
 
-def hamming_to_set(center: Any, member_codes: Any) -> float:
-    """Summed Hamming distance sum_j 0.5 * (nbits - center . b_j) from a centre to a set of codes.
+def merge_centers(centers: np.ndarray, assignment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct voted centres of the non-empty clusters and each video's index into them.
 
-    This is the point-to-set (average-case) distance of paper Eqs. 8-9 up to the 1/M factor; a 0 bit
-    contributes 0.5. Zero members give 0.
+    ``centers`` (k, nbits) are :func:`vote_centers` of the k clusters and ``assignment`` (N,) the cluster of
+    every video. Returns ``(distinct (k', nbits) int8, im2center (N,) int64)`` with k' <= the number of
+    non-empty clusters; rows are in lexicographic order, so the result is deterministic.
     """
-    c = _codes_array(center, "center")
-    m = _codes_array(member_codes, "member_codes")
-    if c.ndim != 1:
-        raise ValueError(f"center must be a 1-D (nbits,) vector, got shape {c.shape}")
-    if m.ndim != 2 or m.shape[1] != c.shape[0]:
-        raise ValueError(f"member_codes must have shape (M, {c.shape[0]}), got shape {m.shape}")
-    dots = m.astype(np.int64) @ c.astype(np.int64)
-    return float(0.5 * np.sum(c.shape[0] - dots))
+    assignment = np.asarray(assignment, dtype=np.int64)
+    used = np.unique(assignment)
+    distinct, inverse = np.unique(np.asarray(centers)[used], axis=0, return_inverse=True)
+    to_center = np.full(len(centers), -1, dtype=np.int64)
+    to_center[used] = inverse.reshape(-1)
+    return distinct.astype(np.int8), to_center[assignment]

@@ -184,7 +184,7 @@ def cluster_codes_sharded(shards: list[Any], codes: np.ndarray, cfg: ClusterConf
     n = sum(ray.get([s.size.remote() for s in shards]))
     if n != len(codes):
         raise ValueError(f"cluster_codes_sharded: shards hold {n} rows but there are {len(codes)} code rows")
-    result = ClusteringResult([], [], [], [], [])
+    result = ClusteringResult.empty()
     for g, k in enumerate(cfg.num_cluster):
         best = None
         for redo in range(max(cfg.nredo, 1)):

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from autossvh.engine import Retrieval, config_from_dict, encode, evaluate_codes, load_state
+from autossvh.config import config_from_dict
+from autossvh.engine import Retrieval, encode, evaluate_codes, load_state
 from autossvh.model import AutoSSVH
 from autossvh.search import pack_codes
 from cluster.tracking import MODEL_STATE_FILE

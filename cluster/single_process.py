@@ -71,7 +71,8 @@ def store_data(store: FeatureStore) -> RetrievalData:
             loaded[stored] = store.load(stored)
     (query, query_labels), (database, database_labels) = (loaded[stored_split(store.info.protocol, n)]
                                                           for n in ("query", "database"))
-    return RetrievalData(train, query, query_labels, database, database_labels)
+    signal = store.frame_signal("train", len(train))
+    return RetrievalData(train, query, query_labels, database, database_labels, signal)
 
 
 def synthetic_data(dataset: str, args: argparse.Namespace, feature_size: int, max_frames: int) -> RetrievalData:
@@ -81,7 +82,7 @@ def synthetic_data(dataset: str, args: argparse.Namespace, feature_size: int, ma
                             num_classes=args.classes, seed=args.seed).splits
     return RetrievalData(train=splits["train"].feats, query=splits["query"].feats,
                          query_labels=splits["query"].labels, database=splits["database"].feats,
-                         database_labels=splits["database"].labels)
+                         database_labels=splits["database"].labels, train_signal=splits["train"].frame_signal)
 
 
 def run(dataset: str, args: argparse.Namespace) -> int:

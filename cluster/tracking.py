@@ -176,18 +176,22 @@ def log_config(cfg: Config, extra_params: Mapping[str, Any] | None = None) -> di
 
 
 def epoch_metrics(record: EpochRecord, num_cluster: Sequence[int] | None = None) -> dict[str, float]:
-    """Metric name → value for one epoch. The k-means objective is named ``kmeans_objective_k{k}`` by the
-    granularity k (``num_cluster``, in the order the clustering ran) or ``kmeans_objective_{i}`` without it."""
+    """Metric name → value for one epoch. The k-means objective and the number of distinct voted centres are
+    named ``kmeans_objective_k{k}`` and ``distinct_centers_k{k}`` by the granularity k (``num_cluster``, in the
+    order the clustering ran), or ``..._{i}`` without it; the sampler's diagnostics ``sampler/...``."""
     s = record.stats
     metrics = {
         "loss": s.loss, "loss_rec": s.rec, "loss_vc": s.vc, "loss_p2set": s.p2set, "lr": record.lr,
         "videos_per_s": s.videos_per_s, "skipped_steps": float(s.skipped_steps),
         "cluster_seconds": record.cluster_seconds,
     }
-    for i, objective in enumerate(record.kmeans_objective):
-        name = f"kmeans_objective_k{num_cluster[i]}" if num_cluster and i < len(num_cluster) else \
-            f"kmeans_objective_{i}"
-        metrics[name] = objective
+    for prefix, values in (("kmeans_objective", record.kmeans_objective),
+                           ("distinct_centers", record.distinct_centers)):
+        for i, value in enumerate(values):
+            suffix = f"k{num_cluster[i]}" if num_cluster and i < len(num_cluster) else str(i)
+            metrics[f"{prefix}_{suffix}"] = value
+    if record.sampler is not None:
+        metrics.update(record.sampler.metrics())
     if record.retrieval is not None:
         metrics.update({f"map_at_{k}": v for k, v in record.retrieval.map_at_k.items()})
         metrics["gmap_l2"] = record.retrieval.gmap_l2
@@ -243,11 +247,40 @@ def plot_training_curve(history: Sequence[EpochRecord], path: str | Path) -> Pat
     return out
 
 
+def plot_sampler_deciles(history: Sequence[EpochRecord], uniform: float, path: str | Path) -> Path | None:
+    """P(hidden) of the frames in each tenth of their video's Grade-Net ranking, at up to five epochs spread
+    over the run, as PNG; None when the run has no adversarial sampler."""
+    from matplotlib.figure import Figure
+
+    records = [r for r in history if r.sampler is not None and not np.isnan(r.sampler.hidden_by_decile).all()]
+    if not records:
+        return None
+    shown = [records[i] for i in sorted({round(j * (len(records) - 1) / 4) for j in range(5)})]
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    deciles = np.arange(1, 11)
+    for record in shown:
+        ax.plot(deciles, record.sampler.hidden_by_decile, marker="o", linewidth=1.4,
+                label=f"epoch {record.epoch + 1} (selectivity {record.sampler.selectivity:.2f})")
+    ax.axhline(uniform, color="grey", linestyle="--", linewidth=1.0, label=f"uniform K/T = {uniform:.2f}")
+    ax.set_xticks(deciles)
+    ax.set_xlabel("Grade-Net logit decile within the video (1 = lowest scored frames)")
+    ax.set_ylabel("P(frame hidden by a view)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Which frames the sampler hides (probe videos, 8 draws)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, format="png")
+    return out
+
+
 def write_final_artifacts(cfg: Config, retrieval: Retrieval, history: Sequence[EpochRecord],
                           out_dir: str | Path) -> dict[str, Path]:
     """Write the result files into ``out_dir``: ``config.yaml`` (resolved config), ``map_table.json``,
-    ``map_table.csv``, ``map_table.txt``, ``training_curve.png`` and, when the retrieval has
-    precision/recall, ``pr_curve.png``. Returns name → path."""
+    ``map_table.csv``, ``map_table.txt``, ``training_curve.png``, with the adversarial sampler
+    ``sampler_deciles.png`` and, when the retrieval has precision/recall, ``pr_curve.png``. Returns name → path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -259,6 +292,9 @@ def write_final_artifacts(cfg: Config, retrieval: Retrieval, history: Sequence[E
     paths["map_csv"].write_text(map_table_csv(retrieval))
     paths["map_txt"].write_text(retrieval.table(f"{cfg.dataset} {cfg.model.nbits} bits") + "\n")
     paths["training_curve"] = plot_training_curve(history, out / "training_curve.png")
+    deciles = plot_sampler_deciles(history, cfg.num_hidden / cfg.data.max_frames, out / "sampler_deciles.png")
+    if deciles is not None:
+        paths["sampler_deciles"] = deciles
     if retrieval.pr_by_radius is not None:
         radii, precision, recall = retrieval.pr_by_radius
         paths["pr_curve"] = plot_pr_curve(radii, precision, recall, out / "pr_curve.png",

@@ -33,14 +33,14 @@ import torch
 import torch.distributed as dist
 
 from autossvh.clustering import ClusteringResult
-from autossvh.config import Config
+from autossvh.config import Config, config_from_dict
+from autossvh.diagnostics import PROBE_VIDEOS, SamplerDiagnostics, sampler_diagnostics
 from autossvh.engine import (
     EpochStats,
     NonFiniteGuard,
     Retrieval,
     build_optimizer,
     build_scheduler,
-    config_from_dict,
     encode,
     evaluate_codes,
     is_distributed,
@@ -51,6 +51,7 @@ from autossvh.engine import (
 from autossvh.losses import ClusterTargets
 from autossvh.model import AutoSSVH
 from autossvh.trainer import EpochRecord, epoch_line
+from autossvh.voting import merge_centers
 from cluster.cli import add_config_arguments, config_from_args
 from cluster.preflight import check_store_shape, check_training_inputs, per_rank_batch_size, requested_data_shape
 from storage.reader import EvalReader, TrainReader, make_loader
@@ -66,6 +67,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered (complete) checkpoints
 CLUSTER_ATTEMPTS = 3  # clustering rounds tried per epoch when the actor dies
 SELECTIONS = ("last", "best-map5")
+RESULT_ARRAYS = ("im2cluster", "centers", "centroids", "density", "im2center")
 # The reduced preset for generated data on a small machine (as in cluster.single_process), in minutes on 2 CPUs.
 REDUCED_PRESET = [
     "model.encoder_depth=2",
@@ -153,13 +155,16 @@ def _result_state(result: ClusteringResult | None) -> dict[str, Any] | None:
     if result is None:
         return None
     return {key: [torch.as_tensor(np.asarray(a)) for a in getattr(result, key)]
-            for key in ("im2cluster", "centers", "centroids", "density")} | {"objective": list(result.objective)}
+            for key in RESULT_ARRAYS} | {"objective": list(result.objective)}
 
 
 def _result_from_state(state: dict[str, Any] | None) -> ClusteringResult | None:
     if state is None:
         return None
-    arrays = {key: [t.numpy() for t in state[key]] for key in ("im2cluster", "centers", "centroids", "density")}
+    arrays = {key: [t.numpy() for t in state[key]] for key in RESULT_ARRAYS if key in state}
+    if "im2center" not in arrays:  # a checkpoint of an earlier version, with the unmerged votes of k clusters
+        merged = [merge_centers(c, a) for c, a in zip(arrays["centers"], arrays["im2cluster"], strict=True)]
+        arrays["centers"], arrays["im2center"] = [m[0] for m in merged], [m[1] for m in merged]
     return ClusteringResult(**arrays, objective=list(state["objective"]))
 
 
@@ -169,14 +174,17 @@ def _record_to_dict(record: EpochRecord) -> dict[str, Any]:
         retrieval = {"map_at_k": dict(record.retrieval.map_at_k), "gmap_l2": record.retrieval.gmap_l2}
     return {"epoch": record.epoch, "lr": record.lr, "stats": asdict(record.stats),
             "cluster_seconds": record.cluster_seconds, "kmeans_objective": list(record.kmeans_objective),
-            "retrieval": retrieval}
+            "retrieval": retrieval, "distinct_centers": list(record.distinct_centers),
+            "sampler": None if record.sampler is None else asdict(record.sampler)}
 
 
 def _record_from_dict(data: dict[str, Any]) -> EpochRecord:
-    retrieval = data["retrieval"]
+    retrieval, sampler = data["retrieval"], data.get("sampler")
     return EpochRecord(data["epoch"], data["lr"], EpochStats(**data["stats"]), data["cluster_seconds"],
                        list(data["kmeans_objective"]),
-                       None if retrieval is None else Retrieval(dict(retrieval["map_at_k"]), retrieval["gmap_l2"]))
+                       None if retrieval is None else Retrieval(dict(retrieval["map_at_k"]), retrieval["gmap_l2"]),
+                       list(data.get("distinct_centers", [])),
+                       None if sampler is None else SamplerDiagnostics(**sampler))
 
 
 def _gather_objects(obj: Any) -> list[Any] | None:
@@ -233,6 +241,13 @@ def _evaluate(model: AutoSSVH, url: str, protocol: str, cfg: Config, rank: int, 
     if query is None or labels is None:
         return None
     return evaluate_codes(query, labels["query"], db, labels["database"], with_pr)
+
+
+def _probe_videos(store: FeatureStore) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The first training videos and their true frame signal (generated stores): the sampler's probe set."""
+    n = min(PROBE_VIDEOS, store.num_videos("train"))
+    feats = torch.from_numpy(np.asarray(store.split("train").feats[:n], dtype=np.float32))
+    return feats, store.frame_signal("train", n)
 
 
 def eval_labels(store: FeatureStore) -> dict[str, np.ndarray]:
@@ -336,6 +351,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     store = open_store(url, options)
     protocol, num_train = store.info.protocol, store.num_videos("train")
     labels = eval_labels(store) if rank == 0 else None
+    probe = _probe_videos(store) if rank == 0 else None
     if rank == 0:
         run_id = _start_mlflow(loop, cfg, run_id, world)
         logged = _backfill(history, run_id, cfg)
@@ -345,7 +361,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         lr = optimizer.param_groups[0]["lr"]
-        targets, cluster_seconds, objective = None, 0.0, []
+        targets, cluster_seconds, objective, distinct = None, 0.0, [], []
         if should_cluster(cfg, epoch):
             tic = time.perf_counter()
             encoded, first = _encode_split(model, url, "train", cfg, rank, world, options, device,
@@ -354,6 +370,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             last_result = _clustering_round(actor, epoch, rank, world, num_train, indices, encoded)
             targets = ClusterTargets.from_result(last_result, device)
             cluster_seconds, objective = time.perf_counter() - tic, list(last_result.objective)
+            distinct = last_result.num_distinct
         reader.set_epoch(epoch)
         stats = train_one_epoch(ddp, make_loader(reader, loop["loader_workers"]), optimizer, cfg, device, targets,
                                 gather=gather_with_grad, guard=guard)
@@ -364,7 +381,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             retrieval = _evaluate(model, url, protocol, cfg, rank, world, options, device, loop["loader_workers"],
                                   labels)
             eval_seconds = time.perf_counter() - tic
-        record = EpochRecord(epoch, lr, stats, cluster_seconds, objective, retrieval)
+        diagnostics = None if probe is None else sampler_diagnostics(model, *probe)
+        record = EpochRecord(epoch, lr, stats, cluster_seconds, objective, retrieval, distinct, diagnostics)
         metrics = {"epoch": epoch, "loss": stats.loss, "train_seconds": stats.seconds,
                    "cluster_seconds": cluster_seconds, "eval_seconds": eval_seconds}
         rng = _gather_objects(_rng_state())
@@ -436,8 +454,10 @@ def _final_evaluation(model: AutoSSVH, selection: str, best: dict[str, Any], sta
 # ----- driver side --------------------------------------------------------------------------------------------
 
 
-def resolve_run(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[str, Any]]:
-    """The run's config, data URL and storage options, checked against the store before anything starts."""
+def resolve_data(dataset: str, args: argparse.Namespace) -> tuple[str, dict[str, Any], list[str], FeatureStore]:
+    """The data URL (a generated store without --data), its storage options, the overrides it implies (its
+    frames and feature size; the reduced preset on generated data) and the opened store, checked against
+    the T and F the options ask for."""
     options = storage_options_from(args.storage_options)
     overrides: list[str] = []
     if args.data:
@@ -448,6 +468,12 @@ def resolve_run(dataset: str, args: argparse.Namespace) -> tuple[Config, str, di
     store = open_store(url, options)
     check_store_shape(requested_data_shape(args), store.info, url)
     overrides += [f"data.feature_size={store.info.feature_dim}", f"data.max_frames={store.info.max_frames}"]
+    return url, options, overrides, store
+
+
+def resolve_run(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[str, Any]]:
+    """The run's config, data URL and storage options, checked against the store before anything starts."""
+    url, options, overrides, store = resolve_data(dataset, args)
     cfg = config_from_args(dataset, args, overrides)
     check_training_inputs(cfg, store, args.workers)
     return cfg, url, options

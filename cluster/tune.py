@@ -11,8 +11,9 @@ Search space (the rest of the config is the preset with ``--recipe``/``--config`
     loss.a                       uniform [0.1, 2.0]      view-contrastive weight
     loss.b                       uniform [0.05, 1.0]     P2Set weight
     sampler.mask_prob            uniform [0.3, 0.8]      share of frames each view hides (mask ratio)
-    cluster.kmeans_temperature   log-uniform [0.05, 1.0]
-    sampler.gumbel_noise_scale   log-uniform [0.5, 20]
+    loss.p2set_temperature       log-uniform [0.05, 1.0]  (paper recipe: voted centres)
+    sampler.tau                  log-uniform [0.1, 10]    (paper recipe: the sampler's Gumbel noise level)
+    cluster.kmeans_temperature   log-uniform [0.05, 1.0]  (released recipe: mean prototype density)
     cluster_scale                one of 0.5, 1, 1.5, 2: cluster.num_cluster = the preset's counts x scale
 
 Validation, never the test queries: trials train and are scored on a store carved once from the training split
@@ -37,8 +38,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from autossvh.config import Config, set_value
-from autossvh.engine import config_from_dict
+from autossvh.config import Config, config_from_dict, set_value
 from cluster import tracking
 from cluster.preflight import check_training_inputs
 from cluster.train import (
@@ -61,18 +61,20 @@ METRIC = "map_at_5"
 CLUSTER_SCALES = (0.5, 1.0, 1.5, 2.0)
 
 
-def search_space() -> dict[str, Any]:
+def search_space(recipe: str) -> dict[str, Any]:
+    """The sampled keys; the temperature and sampler keys are those that act under ``recipe``."""
     from ray import tune
 
-    return {
+    space = {
         "train.lr": tune.loguniform(1e-5, 1e-3),
         "loss.a": tune.uniform(0.1, 2.0),
         "loss.b": tune.uniform(0.05, 1.0),
         "sampler.mask_prob": tune.uniform(0.3, 0.8),
-        "cluster.kmeans_temperature": tune.loguniform(0.05, 1.0),
-        "sampler.gumbel_noise_scale": tune.loguniform(0.5, 20.0),
         "cluster_scale": tune.choice(list(CLUSTER_SCALES)),
     }
+    if recipe == "paper":
+        return space | {"loss.p2set_temperature": tune.loguniform(0.05, 1.0), "sampler.tau": tune.loguniform(0.1, 10.0)}
+    return space | {"cluster.kmeans_temperature": tune.loguniform(0.05, 1.0)}
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
@@ -156,7 +158,7 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
              args.trials, concurrent, args.workers, args.gpus_per_worker, val_url)
     tuner = tune.Tuner(
         tune.with_parameters(_trial, sweep=sweep),
-        param_space=search_space(),
+        param_space=search_space(cfg.recipe),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", num_samples=args.trials, max_concurrent_trials=concurrent,
             search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=args.seed)),
@@ -171,7 +173,7 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
         log.error("no trial finished (%d errored); see the trial logs under %s/%s", grid.num_errors, storage, name)
         return 1
     best = max(finished, key=lambda r: r.metrics[METRIC])
-    best_params = {k: best.config[k] for k in search_space()}
+    best_params = {k: best.config[k] for k in search_space(cfg.recipe)}
     best_cfg = trial_config(cfg.to_dict(), best_params)
     from ray.train import Checkpoint
 

@@ -7,6 +7,7 @@ Layout (schema version 1)::
                                   sharded ``shard_videos`` videos per shard file, zstd
     <url>/<split>/labels          (N, C) uint8 multi-hot (absent for an unlabelled train split)
     <url>/<split>/video_ids       (N,) strings
+    <url>/<split>/frame_signal    (N, T) float16, generated stores only: the true class signal of every frame
 
 Only the splits the protocol stores are present (``storage.schema``): FCVID holds ``train`` and ``database``
 (the queries are the database), UCF101/HMDB51 ``train`` and ``query`` (the database is train), ActivityNet
@@ -109,9 +110,10 @@ def create_store(
     info: StoreInfo,
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
+    frame_signal: bool = False,
 ) -> zarr.Group:
-    """Create the group and its empty arrays, marked incomplete. Refuses to replace an existing store unless
-    ``overwrite``."""
+    """Create the group and its empty arrays, marked incomplete (with ``frame_signal``, a (N, T) array of the
+    generator's per-frame class signal too). Refuses to replace an existing store unless ``overwrite``."""
     _check_info(info, url)
     store = zarr_store(url, storage_options)
     try:
@@ -134,6 +136,9 @@ def create_store(
         sub.create_array("labels", shape=(n, info.num_classes), dtype="uint8",
                          chunks=(info.shard_videos, info.num_classes), fill_value=0)
         sub.create_array("video_ids", shape=(n,), dtype=str, chunks=(info.shard_videos,))
+        if frame_signal:
+            sub.create_array("frame_signal", shape=(n, info.max_frames), dtype="float16",
+                             chunks=(info.shard_videos, info.max_frames), fill_value=0)
     group.attrs[ATTRIBUTE] = info.to_dict()
     return group
 
@@ -212,6 +217,14 @@ class FeatureStore:
         return StoreError(f"{self.url}: split {stored!r}: cannot read {what} of videos {start}:{stop} "
                           f"({type(err).__name__}: {err}); {where} damaged or truncated: restore it or re-run the "
                           "ingest with --overwrite")
+
+    def frame_signal(self, name: str, stop: int) -> np.ndarray | None:
+        """The true per-frame class signal (stop, T) float32 of the first ``stop`` videos of split ``name``;
+        None for a store without one (only generated stores have it)."""
+        sub = self.group[stored_split(self.info.protocol, name)]
+        if "frame_signal" not in sub:
+            return None
+        return np.asarray(sub["frame_signal"][:stop], dtype=np.float32)
 
     def num_videos(self, name: str) -> int:
         return self.info.counts[stored_split(self.info.protocol, name)]

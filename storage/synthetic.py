@@ -26,6 +26,12 @@ where eps is a triangular (sum of two uniform bytes) noise, much cheaper to draw
   video's own class signal in every frame (signal + half of transition).
 * Per-video variation. An amplitude jitter scales the whole mixture and a latent offset specific to
   the video is added to every frame, along with latent per-frame noise.
+* Frames that matter (``informative_share``, ``distractor_share``). When ``informative_share`` is given,
+  roles are exact instead of soft: round(informative_share * T) frames (at least one), one contiguous run
+  at a random start, show the video's class (``frame_signal`` 1); round(distractor_share * T) of the
+  other frames, at random positions, each show a random other class (a distractor); the rest show the
+  video's background. Mean pooling then dilutes the class by 1 / informative_share, which is where a
+  model that chooses frames should beat one that pools them.
 * Multi-label. A ``multilabel_fraction`` of videos blends the trajectory of a second class into its
   own (weight 0.3-0.5); their label rows hold two ones.
 
@@ -169,11 +175,20 @@ class SyntheticGenerator:
         num_classes: int | None = None,
         multilabel_fraction: float = 0.0,
         seed: int = 0,
+        informative_share: float | None = None,
+        distractor_share: float = 0.0,
     ) -> None:
         if like not in SHAPES:
             raise ValueError(f"unknown dataset {like!r}; expected one of {sorted(SHAPES)}")
         if not 0.0 <= multilabel_fraction <= 1.0:
             raise ValueError("multilabel_fraction must be in [0, 1]")
+        if informative_share is None and distractor_share:
+            raise ValueError("distractor_share needs informative_share (exact frame roles)")
+        if informative_share is not None and not (
+                0.0 < informative_share <= 1.0 and 0.0 <= distractor_share and informative_share + distractor_share
+                <= 1.0):
+            raise ValueError(f"informative_share must be in (0, 1] and distractor_share >= 0 with a sum <= 1, got "
+                             f"{informative_share} and {distractor_share}")
         real = SHAPES[like]
         if num_classes is None:
             num_classes = max(2, min(real.num_classes, videos // MIN_VIDEOS_PER_CLASS))
@@ -189,6 +204,8 @@ class SyntheticGenerator:
             raise ValueError(f"feature_dim and max_frames must be positive: {self.shape}")
         self.like = like
         self.multilabel_fraction = float(multilabel_fraction)
+        self.informative_share = None if informative_share is None else float(informative_share)
+        self.distractor_share = float(distractor_share)
         self.seed = int(seed)
         real_sizes = REAL_SPLIT_SIZES[like]
         self.split_sizes: dict[str, int] = {
@@ -287,22 +304,20 @@ class SyntheticGenerator:
         anchor_w = np.exp(-0.5 * ((tau[..., None] - centres) / width) ** 2)
         anchor_w /= anchor_w.sum(-1, keepdims=True)
 
-        logits = (
-            np.asarray(_ROLE_BASE)
-            + _ROLE_BASE_JITTER * role_base[:, None, :]
-            + _ROLE_STEP * np.cumsum(role_steps, axis=1)
-        )
-        logits *= _ROLE_SHARPNESS
-        logits -= logits.max(-1, keepdims=True)
-        roles = np.exp(logits)
-        roles /= roles.sum(-1, keepdims=True)
-        w_sig, w_bg, w_tr = roles[..., 0:1], roles[..., 1:2], roles[..., 2:3]
-
         own = self._trajectory(cls, anchor_w)
         labelled = own + mix[:, None, None] * (self._trajectory(second, anchor_w) - own)
-        other = self._trajectory(distractor, anchor_w)
+        bg = self.backgrounds[background][:, None, :]
+        if self.informative_share is None:
+            w_sig, w_bg, w_tr = self._soft_roles(role_base, role_steps)
+            other = self._trajectory(distractor, anchor_w)
+            mixture = w_sig * labelled + w_bg * bg + 0.5 * w_tr * (own + other)
+            signal = (w_sig + 0.5 * w_tr)[..., 0]
+        else:
+            roles, others = self._exact_roles(rng, n, cls)
+            others_traj = np.einsum("nta,ntal->ntl", anchor_w, self.anchors[others])
+            mixture = np.where(roles[..., None] == 0, labelled, np.where(roles[..., None] == 1, bg, others_traj))
+            signal = (roles == 0).astype(np.float32)
         z = np.ones((n, t_len, LATENT_DIM + 1), dtype=np.float32)
-        mixture = w_sig * labelled + w_bg * self.backgrounds[background][:, None, :] + 0.5 * w_tr * (own + other)
         z[..., :LATENT_DIM] = (
             amplitude[:, None, None] * mixture
             + (_VIDEO_OFFSET / math.sqrt(LATENT_DIM)) * offset[:, None, :]
@@ -322,7 +337,37 @@ class SyntheticGenerator:
         rows = np.arange(n)
         labels[rows, cls] = 1
         labels[rows[multi], second[multi]] = 1
-        return labels, (w_sig + 0.5 * w_tr)[..., 0].astype(np.float32)
+        return labels, signal.astype(np.float32)
+
+    @staticmethod
+    def _soft_roles(role_base: np.ndarray, role_steps: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per-frame weights (n, T, 1) of signal, background and transition: a softmax over roles whose logits
+        follow a per-video random walk over time."""
+        logits = (
+            np.asarray(_ROLE_BASE)
+            + _ROLE_BASE_JITTER * role_base[:, None, :]
+            + _ROLE_STEP * np.cumsum(role_steps, axis=1)
+        )
+        logits *= _ROLE_SHARPNESS
+        logits -= logits.max(-1, keepdims=True)
+        roles = np.exp(logits)
+        roles /= roles.sum(-1, keepdims=True)
+        return roles[..., 0:1], roles[..., 1:2], roles[..., 2:3]
+
+    def _exact_roles(self, rng: np.random.Generator, n: int, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact frame roles (n, T): 0 = the video's class (one contiguous run), 1 = background, 2 = a distractor
+        frame of the random other class given in the second array (n, T)."""
+        t_len, c = self.shape.max_frames, self.shape.num_classes
+        n_sig = max(1, round(self.informative_share * t_len))
+        n_dis = min(round(self.distractor_share * t_len), t_len - n_sig)
+        start = rng.integers(0, t_len - n_sig + 1, size=n)
+        frames = np.arange(t_len)[None, :]
+        informative = (frames >= start[:, None]) & (frames < start[:, None] + n_sig)
+        order = np.argsort(np.where(informative, np.inf, rng.random((n, t_len))), axis=1, kind="stable")
+        roles = np.where(informative, 0, 1)
+        np.put_along_axis(roles, order[:, :n_dis], 2, axis=1)
+        others = (cls[:, None] + 1 + np.floor(rng.random((n, t_len)) * max(c - 1, 1)).astype(np.int64)) % c
+        return roles, others
 
     def _fill(self, split: str, start: int, stop: int, pool: ThreadPoolExecutor | None = None) -> Split:
         """Videos ``start:stop`` of stored split ``split``, written chunk by chunk in place."""
@@ -399,6 +444,8 @@ def make_synthetic(
     num_classes: int | None = None,
     multilabel_fraction: float = 0.0,
     seed: int = 0,
+    informative_share: float | None = None,
+    distractor_share: float = 0.0,
 ) -> SyntheticDataset:
     """A synthetic dataset shaped like ``like`` with ``videos`` train videos, fully in memory."""
     return SyntheticGenerator(
@@ -409,6 +456,8 @@ def make_synthetic(
         num_classes=num_classes,
         multilabel_fraction=multilabel_fraction,
         seed=seed,
+        informative_share=informative_share,
+        distractor_share=distractor_share,
     ).materialise()
 
 

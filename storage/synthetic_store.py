@@ -1,7 +1,8 @@
 """Write a synthetic dataset (``storage.synthetic``) as a feature store, streamed block by block.
 
 The store has the schema of the real dataset it imitates (protocol, frames, splits), labelled query and
-database splits (and a labelled train split), and ``sources`` records the generator parameters, so the
+database splits (and a labelled train split), each with the generator's true per-frame class signal
+(``frame_signal``, which sampler diagnostics read), and ``sources`` records the generator parameters, so the
 store can be regenerated. Writing, resume and progress are :mod:`storage.writer`'s, shared with ingest.
 """
 
@@ -33,6 +34,8 @@ def write_synthetic(
     num_classes: int | None = None,
     multilabel_fraction: float = 0.0,
     seed: int = 0,
+    informative_share: float | None = None,
+    distractor_share: float = 0.0,
     *,
     storage_options: dict[str, Any] | None = None,
     dtype: str = "float16",
@@ -48,7 +51,8 @@ def write_synthetic(
     """
     try:
         gen = SyntheticGenerator(like, videos, feature_dim=feature_dim, max_frames=max_frames,
-                                 num_classes=num_classes, multilabel_fraction=multilabel_fraction, seed=seed)
+                                 num_classes=num_classes, multilabel_fraction=multilabel_fraction, seed=seed,
+                                 informative_share=informative_share, distractor_share=distractor_share)
     except ValueError as err:
         raise SourceError(f"synthetic {like}: {err}") from err
     shape = gen.shape
@@ -56,11 +60,13 @@ def write_synthetic(
                       dict(gen.split_sizes), chunk_videos=chunk_videos, shard_videos=shard_videos)
     generator = {"like": like, "videos": videos, "feature_dim": shape.feature_dim, "max_frames": shape.max_frames,
                  "num_classes": shape.num_classes, "multilabel_fraction": gen.multilabel_fraction, "seed": gen.seed}
+    if informative_share is not None:  # only when set, so stores written before the knob keep their fingerprint
+        generator |= {"informative_share": gen.informative_share, "distractor_share": gen.distractor_share}
     sources = {"kind": "synthetic", "dataset": like, "generator": generator,
                "labelled": {name: True for name in gen.split_sizes}, "train_labelled": True}
     splits = [_split_source(gen, name, n) for name, n in gen.split_sizes.items()]
     return write_store(url, info, splits, {"generator": generator}, sources, storage_options=storage_options,
-                       block_videos=block_videos, overwrite=overwrite)
+                       block_videos=block_videos, overwrite=overwrite, frame_signal=True)
 
 
 def _split_source(gen: SyntheticGenerator, name: str, videos: int) -> SplitSource:
@@ -68,7 +74,7 @@ def _split_source(gen: SyntheticGenerator, name: str, videos: int) -> SplitSourc
         # Random access with the same results as iter_blocks (the generator is block-size independent), so
         # a resumed write does not generate the blocks it skips.
         split = gen.generate(name, start, stop)
-        return Block(split.feats, split.labels, split.video_ids)
+        return Block(split.feats, split.labels, split.video_ids, split.frame_signal)
 
     return SplitSource(name, videos, f"synthetic {gen.like} {name}", read)
 
@@ -80,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, help="frames per video (default: the real dataset's)")
     parser.add_argument("--classes", type=int, help="classes (default: the real count, capped by --videos)")
     parser.add_argument("--multilabel-fraction", type=float, default=0.0, help="share of videos with two labels")
+    parser.add_argument("--informative-share", type=float,
+                        help="share of each video's frames that show its class, as one contiguous run (default: "
+                        "soft frame roles that drift over time)")
+    parser.add_argument("--distractor-share", type=float, default=0.0,
+                        help="with --informative-share: share of frames that show a random other class each")
     parser.add_argument("--seed", type=int, default=0)
     add_store_arguments(parser)
 
@@ -89,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
     return run_job(lambda: write_synthetic(
         args.out, args.like, args.videos, feature_dim=args.feature_dim, max_frames=args.frames,
         num_classes=args.classes, multilabel_fraction=args.multilabel_fraction, seed=args.seed,
+        informative_share=args.informative_share, distractor_share=args.distractor_share,
         storage_options=storage_options_from(args.storage_options), dtype=args.dtype,
         block_videos=args.block_videos, chunk_videos=args.chunk_videos, shard_videos=args.shard_videos,
         overwrite=args.overwrite))

@@ -85,6 +85,7 @@ class Block:
     feats: np.ndarray  # (n, T, F), any floating dtype
     labels: np.ndarray | None  # (n, C) 0/1, or None for an unlabelled split (stored as zeros)
     video_ids: np.ndarray  # (n,) str
+    frame_signal: np.ndarray | None = None  # (n, T) true per-frame class signal (generated data only)
 
 
 @dataclass(frozen=True)
@@ -135,13 +136,15 @@ def write_store(
     checksum_files: Sequence[Path] = (),
     overwrite: bool = False,
     verify: bool = False,
+    frame_signal: bool = False,
 ) -> FeatureStore:
     """Write (or resume, or just verify) the store at ``url`` and return it opened, complete.
 
     ``params`` identifies the input (source files with size and mtime, generator parameters); together with
     the store layout in ``info`` it is the fingerprint a re-run must match to resume an incomplete store or to
     find a complete one already done. ``sources`` becomes the store's ``sources`` attribute, with the
-    sha256 and size of every file of ``checksum_files`` added under ``"checksums"``.
+    sha256 and size of every file of ``checksum_files`` added under ``"checksums"``. ``frame_signal``: the
+    splits also store the sources' per-frame class signal (generated data).
     """
     core = {k: v for k, v in info.to_dict().items() if k not in ("sources", "complete")}
     params = {"store": core, **params}
@@ -159,7 +162,7 @@ def write_store(
         replace = overwrite or previous is not None or _aborted_creation(url, storage_options)
         if previous is not None:
             log.info("%s: incomplete store with no recorded progress; starting it again", url)
-        group = create_store(url, info, storage_options, overwrite=replace)
+        group = create_store(url, info, storage_options, overwrite=replace, frame_signal=frame_signal)
         state = {"fingerprint": fingerprint, "params": params, "block_videos": block_videos_for(info, block_videos),
                  "done": {s.name: [] for s in splits}, "checksums": {}}
         group.attrs[STATE_ATTR] = state
@@ -256,6 +259,8 @@ def _write_block(url: str, arrays: zarr.Group, info: StoreInfo, split: SplitSour
     if block.labels is not None:
         arrays["labels"][start:stop] = np.asarray(block.labels, dtype=np.uint8)
     arrays["video_ids"][start:stop] = block.video_ids
+    if "frame_signal" in arrays and block.frame_signal is not None:
+        arrays["frame_signal"][start:stop] = np.asarray(block.frame_signal, dtype=np.float16)
     log.debug("wrote %s videos %d:%d", split.name, start, stop)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from autossvh.clustering import ClusteringResult
 from autossvh.config import Config, build_config
+from autossvh.voting import merge_centers
 
 TINY = [
     "data.feature_size=16", "data.max_frames=8", "model.hidden_size=32", "model.encoder_depth=2",
@@ -24,11 +25,14 @@ def tiny_config(*overrides: str, recipe: str = "paper") -> Config:
 def random_clustering(n: int, nbits: int, sizes: list[int], seed: int = 0) -> ClusteringResult:
     """A clustering result of the right shapes with random content (for loss/gradient tests)."""
     rng = np.random.default_rng(seed)
-    result = ClusteringResult([], [], [], [], [])
+    result = ClusteringResult.empty()
     for k in sizes:
         centroids = rng.normal(size=(k, nbits)).astype(np.float32)
-        result.im2cluster.append(rng.integers(0, k, size=n))
-        result.centers.append(np.where(rng.random((k, nbits)) < 0.5, -1, 1).astype(np.int8))
+        assign = rng.integers(0, k, size=n)
+        result.im2cluster.append(assign)
+        centers, im2center = merge_centers(np.where(rng.random((k, nbits)) < 0.5, -1, 1).astype(np.int8), assign)
+        result.centers.append(centers)
+        result.im2center.append(im2center)
         result.centroids.append(centroids / np.linalg.norm(centroids, axis=1, keepdims=True))
         result.density.append(rng.uniform(0.1, 0.3, size=k).astype(np.float32))
         result.objective.append(0.0)

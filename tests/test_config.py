@@ -2,7 +2,7 @@
 
 import pytest
 
-from autossvh.config import DATASETS, ConfigError, build_config
+from autossvh.config import DATASETS, ConfigError, build_config, config_from_dict
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ def test_hidden_counts_match_released_masks():
     expected = {"activitynet": (15, 15), "fcvid": (18, 7), "ucf101": (12, 13), "hmdb51": (17, 8)}
     for dataset in DATASETS:
         cfg = build_config(dataset)
-        assert (cfg.num_hidden, cfg.num_visible) == expected[dataset]
+        assert (cfg.num_hidden, cfg.data.max_frames - cfg.num_hidden) == expected[dataset]
 
 
 def test_recipes_switch_sampler_and_centres():
@@ -47,6 +47,33 @@ def test_ablation_switches_and_overrides():
     assert not cfg.loss.reconstruction and not cfg.loss.view_contrastive and cfg.loss.p2set
     assert cfg.train.lr == 5e-4 and cfg.cluster.num_cluster == [10, 20] and cfg.model.nbits == 32
     assert isinstance(build_config("ucf101", overrides=["train.lr=1"]).train.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["sampler.kind=random", "sampler.tau=0.5", "sampler.grl=false"], ["sampler.grl", "sampler.tau"]),
+        (["loss.p2set=false", "loss.b=0.5", "cluster.num_cluster=[8, 16]"], ["cluster.num_cluster", "loss.b"]),
+        (["loss.view_contrastive=false", "loss.tau_plus=0.2"], ["loss.tau_plus"]),
+        (["cluster.kmeans_temperature=0.1"], ["cluster.kmeans_temperature"]),  # paper: voted centres
+        (["recipe=released", "loss.p2set_temperature=0.1"], ["loss.p2set_temperature"]),
+        (["sampler.tau=0.5", "loss.p2set_temperature=0.1"], []),
+    ],
+)
+def test_keys_that_do_nothing_are_named_in_a_warning(overrides, named, caplog):
+    with caplog.at_level("WARNING", logger="autossvh.config"):
+        build_config("ucf101", overrides=overrides)
+    warned = sorted(r.getMessage().split(" ")[0] for r in caplog.records)
+    assert warned == named
+    assert all("is set but does nothing" in r.getMessage() for r in caplog.records)
+
+
+def test_saved_configs_of_earlier_versions_load_with_what_they_were_trained_with():
+    saved = build_config("ucf101").to_dict()
+    saved["sampler"] |= {"gumbel_noise_scale": 10.0, "gumbel_temperature": 0.5}
+    del saved["model"]["hash_layer"]
+    cfg = config_from_dict(saved)
+    assert cfg.model.hash_layer == "released" and cfg.sampler.tau == saved["sampler"]["tau"]
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -83,6 +110,10 @@ def test_flat_round_trip():
         ("dataset=kinetics", "dataset: unknown dataset"),
         ("novalue", "expected key=value"),
         ("cluster.num_shards=0", "cluster.num_shards"),
+        ("data.data_drop_rate=0.005", "data.data_drop_rate: 0.005 is not allowed; must be 0 or in (0.01, 1)"),
+        ("sampler.tau=0", "sampler.tau"),
+        ("loss.p2set_temperature=0", "loss.p2set_temperature"),
+        ("model.hash_layer=soft", "model.hash_layer: 'soft' is not allowed; allowed: paper, released"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -93,7 +124,7 @@ def test_bad_values_name_the_key(override, message):
 
 def test_k_is_at_least_one_and_below_the_frame_count():
     cfg = build_config("ucf101", overrides=["data.max_frames=2", "sampler.mask_prob=0.99"])
-    assert (cfg.num_hidden, cfg.num_visible) == (1, 1)
+    assert cfg.num_hidden == 1
     with pytest.raises(ConfigError, match="K must be >= 1 and smaller than data.max_frames = 2"):
         build_config("ucf101", overrides=["data.max_frames=2", "sampler.mask_prob=0.4"])
 

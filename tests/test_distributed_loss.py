@@ -49,8 +49,8 @@ def _worker(rank: int, world: int, port: int, queue: mp.Queue) -> None:
     # Each rank's rows get W times their single-process gradient; DDP's mean over W ranks of the parameter
     # gradients that these rows produce restores the single-process gradient.
     grads = [t.grad / world for t in (local.codes, local.recon)]
-    reduced = torch.stack([loss.detach(), parts["vc"], parts["p2set"]])
-    rec = parts["rec"].clone()
+    reduced = torch.stack([loss.detach(), parts["vc"].detach(), parts["p2set"].detach()])
+    rec = parts["rec"].detach().clone()
     dist.all_reduce(rec)
     queue.put((rank, reduced.tolist(), float(rec) / world, [g.tolist() for g in grads]))
     dist.destroy_process_group()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from autossvh.baselines import random_projection_codes
+from autossvh.baselines import ITQ, mean_pool, random_projection_codes
 from autossvh.engine import (
     NonFiniteGuard,
     NonFiniteLossError,
@@ -51,10 +51,28 @@ def test_paper_recipe_learns_beyond_random_codes():
 def test_random_projection_codes_are_deterministic_sign_codes():
     feats = np.random.default_rng(0).normal(size=(50, 4, 12)).astype(np.float32)
     codes, center = random_projection_codes(feats, 24, seed=1)
-    again, _ = random_projection_codes(feats, 24, seed=1, center=center, block=7)
+    again, _ = random_projection_codes(feats, 24, seed=1, center=center)
     assert codes.shape == (50, 24) and codes.dtype == np.int8 and set(np.unique(codes)) <= {-1, 1}
     np.testing.assert_array_equal(codes, again)
     np.testing.assert_allclose(center, feats.mean(axis=(0, 1)), atol=1e-6)
+    np.testing.assert_allclose(mean_pool(feats, block=7), feats.mean(axis=1), atol=1e-6)
+
+
+def test_itq_codes_beat_a_random_projection_and_its_rotation_is_orthogonal():
+    ds = make_synthetic("ucf101", 400, feature_dim=64, num_classes=8, seed=3)
+    train, query = ds.splits["train"], ds.splits["query"]
+    itq = ITQ.fit(train.feats, 16)
+    pca = np.linalg.svd(mean_pool(train.feats) - itq.mean, full_matrices=False)[2][:16].T
+    rotation = pca.T @ itq.projection
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(16), atol=1e-8)
+    np.testing.assert_array_equal(itq.codes(query.feats), ITQ.fit(train.feats, 16).codes(query.feats))
+    learned = evaluate_codes(itq.codes(query.feats), query.labels, itq.codes(train.feats), train.labels)
+    center = train.feats.mean(axis=(0, 1))
+    projection = evaluate_codes(random_projection_codes(query.feats, 16, center=center)[0], query.labels,
+                                random_projection_codes(train.feats, 16, center=center)[0], train.labels)
+    assert learned.gmap_l2 > projection.gmap_l2
+    with pytest.raises(ValueError, match="ITQ: 16 bits need at least 16 training videos"):
+        ITQ.fit(train.feats[:10], 16)
 
 
 def test_encode_keeps_order_and_batching_does_not_matter():

@@ -73,7 +73,8 @@ def test_prototype_loss_matches_direct_computation():
 
 def test_voted_p2set_loss_prefers_the_own_centre():
     centers = torch.tensor([[1.0] * 8, [-1.0] * 8, [1.0, -1.0] * 4])
-    targets = ClusterTargets([torch.tensor([0, 1, 2])], [centers], [centers], [torch.ones(3)])
+    own = torch.tensor([0, 1, 2])
+    targets = ClusterTargets([own], [centers], [centers], [torch.ones(3)], [own])
     index = torch.arange(3)
     at_centre = voted_p2set_loss(centers.clone(), index, targets, 0.2)
     away = voted_p2set_loss(centers[[1, 2, 0]].clone(), index, targets, 0.2)
@@ -81,7 +82,7 @@ def test_voted_p2set_loss_prefers_the_own_centre():
     z = centers[0:1] * torch.tensor([1.0] * 7 + [-1.0])
     logits = F.normalize(z, dim=1) @ (centers / math.sqrt(8)).T / 0.2
     expected = F.cross_entropy(logits, torch.tensor([0]))
-    one = ClusterTargets([torch.tensor([0])], [centers], [centers], [torch.ones(3)])
+    one = ClusterTargets([torch.tensor([0])], [centers], [centers], [torch.ones(3)], [torch.tensor([0])])
     assert torch.allclose(voted_p2set_loss(z, torch.tensor([0]), one, 0.2), expected)
 
 
@@ -130,11 +131,12 @@ def test_cluster_codes_shapes_votes_and_errors():
     features = codes / np.sqrt(16)
     cfg = build_config("ucf101", overrides=["cluster.num_cluster=[4, 6]"]).cluster
     result = cluster_codes(features.astype(np.float32), codes, cfg)
-    assert [c.shape for c in result.centers] == [(4, 16), (6, 16)]
-    assert [a.shape for a in result.im2cluster] == [(120,), (120,)]
-    for assign, centers in zip(result.im2cluster, result.centers, strict=True):
+    assert [c.shape[1] for c in result.centers] == [16, 16]
+    assert result.num_distinct == [len(c) for c in result.centers] and all(n >= 2 for n in result.num_distinct)
+    assert [a.shape for a in result.im2cluster] == [(120,), (120,)] == [a.shape for a in result.im2center]
+    for assign, centers, im2center in zip(result.im2cluster, result.centers, result.im2center, strict=True):
         members = codes[assign == 0].sum(0)
-        np.testing.assert_array_equal(centers[0], np.where(members >= 0, 1, -1))
+        np.testing.assert_array_equal(centers[im2center[assign == 0][0]], np.where(members >= 0, 1, -1))
     assert all(np.allclose(np.linalg.norm(c, axis=1), 1) for c in result.centroids)
     assert all(np.isfinite(o) for o in result.objective)
     too_many = build_config("ucf101", overrides=["cluster.num_cluster=[200]"]).cluster

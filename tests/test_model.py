@@ -1,4 +1,5 @@
-"""Model shapes, released sizes, sampler (exact K, two views, STE, GRL) and encoding."""
+"""Model shapes, released sizes, sampler (exact K, two views, Gumbel top-K on logits, STE, GRL), hash layers and
+encoding."""
 
 import pytest
 import torch
@@ -8,9 +9,10 @@ from autossvh.losses import ClusterTargets, autossvh_loss
 from autossvh.model import (
     AutoSSVH,
     binarize,
-    count_parameters,
     gumbel_topk,
     random_complementary_masks,
+    relaxed_topk,
+    sign_ste,
     sinusoid_table,
     video_codes,
 )
@@ -31,7 +33,14 @@ def test_forward_at_preset_sizes(dataset, recipe):
     assert (out.frame_weight is not None) == (recipe == "paper")
     frame_codes = model.encode_frames(x)
     assert frame_codes.shape == (2, cfg.data.max_frames, nbits)
-    assert set(frame_codes.unique().tolist()) <= {-1.0, 1.0}
+    if cfg.model.hash_layer == "released":
+        assert set(frame_codes.unique().tolist()) <= {-1.0, 1.0}
+    else:
+        assert frame_codes.abs().max() < 1 and set(out.codes.unique().tolist()) <= {-1.0, 1.0}
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 @pytest.mark.parametrize(("dataset", "encoder", "decoder", "total"),
@@ -41,9 +50,9 @@ def test_parameter_counts_match_released_model(dataset, encoder, decoder, total)
     # REFERENCE §3.5 counts include SampleNet's unused scalar `temperature`, which this model does not carry.
     cfg = build_config(dataset, overrides=["model.nbits=64"])
     model = AutoSSVH(cfg)
-    assert count_parameters(model.encoder) == encoder - 1
-    assert count_parameters(model.decoder) == decoder
-    assert count_parameters(model) == total - 1
+    assert _count(model.encoder) == encoder - 1
+    assert _count(model.decoder) == decoder
+    assert _count(model) == total - 1
 
 
 def test_attention_inner_width_is_252():
@@ -67,12 +76,65 @@ def test_binarize_forward_and_straight_through_gradient():
 
 
 def test_gumbel_topk_selects_exactly_k_and_passes_gradient():
-    scores = torch.rand(6, 25, requires_grad=True)
-    hard, selection = gumbel_topk(scores, 7, noise_scale=10.0, temperature=0.5)
+    logits = torch.randn(6, 25, requires_grad=True)
+    hard, selection = gumbel_topk(logits, 7, tau=1.0)
     assert (hard.sum(1) == 7).all() and set(hard.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(selection.detach(), hard)
     (selection * torch.randn_like(selection)).sum().backward()
-    assert scores.grad.abs().sum() > 0
+    assert logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_gumbel_top1_draws_follow_the_softmax_of_logits_over_tau(tau):
+    logits = torch.tensor([0.0, 1.0, -1.0, 2.0])
+    hard, _ = gumbel_topk(logits.expand(40_000, 4), 1, tau)
+    expected = torch.softmax(logits / tau, dim=0)
+    assert torch.allclose(hard.mean(0), expected, atol=0.01)
+
+
+def test_small_tau_hides_the_top_scored_frames_and_large_tau_is_uniform():
+    logits = torch.arange(10.0).expand(4000, 10)
+    sharp, _ = gumbel_topk(logits, 3, tau=0.05)
+    assert (sharp[:, 7:] == 1).all()
+    flat, _ = gumbel_topk(logits, 3, tau=1000.0)
+    assert torch.allclose(flat.mean(0), torch.full((10,), 0.3), atol=0.03)
+
+
+def test_relaxed_topk_sums_to_k_ranks_like_top_k_and_approaches_the_hard_top_k():
+    keys = torch.randn(5, 12, requires_grad=True)
+    soft = relaxed_topk(keys, 4)
+    hard = torch.zeros(5, 12).scatter_(1, keys.topk(4, dim=1).indices, 1.0)
+    assert torch.allclose(soft.sum(1), torch.full((5,), 4.0))
+    assert torch.equal(torch.zeros(5, 12).scatter_(1, soft.topk(4, dim=1).indices, 1.0), hard)
+    soft[:, 0].sum().backward()
+    assert (keys.grad[:, 0] > 0).all() and (keys.grad[:, 1:] < 0).all()  # frames compete for the K places
+    assert torch.allclose(relaxed_topk(keys.detach() * 2000, 4), hard, atol=1e-3)
+
+
+def test_sign_ste_forward_is_the_sign_and_backward_the_identity():
+    x = torch.tensor([-0.4, 0.0, 0.2], requires_grad=True)
+    y = sign_ste(x)
+    assert y.tolist() == [-1.0, -1.0, 1.0]
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert x.grad.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_grade_net_starts_with_zero_logits_so_the_first_draws_are_uniform():
+    model = AutoSSVH(tiny_config())
+    assert torch.equal(model.frame_logits(torch.randn(3, 8, 16)), torch.zeros(3, 8))
+
+
+def test_paper_hash_layer_gives_soft_frame_codes_and_signed_view_codes():
+    model = AutoSSVH(tiny_config("model.hash_layer=paper"))
+    x = torch.randn(4, 8, 16)
+    out = model(x)
+    assert set(out.codes.unique().tolist()) <= {-1.0, 1.0}
+    frames = model.encode_frames(x)
+    assert frames.abs().max() < 1 and frames.unique().numel() > 2
+    codes, _ = video_codes(frames)
+    assert torch.equal(codes, torch.where(frames.mean(1) > 0, 1.0, -1.0))
+    out.codes.sum().backward()
+    assert model.hash.weight.grad.abs().sum() > 0  # the sign passes the gradient straight through
 
 
 def test_random_complementary_masks():
@@ -113,6 +175,7 @@ def _scorer_grad(cfg, x, targets, index, seed=0):
     model_seed = 123
     torch.manual_seed(model_seed)
     model = AutoSSVH(cfg)
+    torch.nn.init.normal_(model.encoder.grade_net.out.weight, std=0.1)  # a scorer past its zero start
     torch.manual_seed(seed)
     out = model(x)
     loss, _ = autossvh_loss(out, index, cfg, targets)
@@ -138,6 +201,13 @@ def test_scorer_gets_gradient_from_each_loss(term):
     x = torch.randn(8, 8, 16)
     targets = ClusterTargets.from_result(random_clustering(8, 16, [3, 5]), "cpu")
     grads = _scorer_grad(cfg, x, targets, torch.arange(8))
+    assert sum(g.abs().sum() for g in grads.values()) > 0
+
+
+def test_without_the_reconstruction_weight_path_the_scorer_still_hears_reconstruction_through_the_gate():
+    cfg = tiny_config("loss.view_contrastive=false", "loss.p2set=false", "sampler.reconstruction_weight=false")
+    assert AutoSSVH(cfg)(torch.randn(4, 8, 16)).frame_weight is None
+    grads = _scorer_grad(cfg, torch.randn(8, 8, 16), None, torch.arange(8))
     assert sum(g.abs().sum() for g in grads.values()) > 0
 
 

@@ -225,3 +225,23 @@ def test_frames_carry_unequal_information() -> None:
     assert np.corrcoef(evidence.ravel(), train.frame_signal.ravel())[0, 1] > 0.3
     strong, weak = train.frame_signal > 0.7, train.frame_signal < 0.3
     assert evidence[strong].mean() > 2 * evidence[weak].mean()
+
+
+def test_exact_frame_roles_show_the_class_in_one_run_and_distractors_elsewhere() -> None:
+    gen = SyntheticGenerator("ucf101", 300, feature_dim=32, num_classes=10, seed=4, informative_share=0.2,
+                             distractor_share=0.4)
+    split = gen.generate("train")
+    signal = split.frame_signal
+    assert set(np.unique(signal)) == {0.0, 1.0} and (signal.sum(1) == 5).all()
+    starts = np.argmax(signal, axis=1)
+    assert all(signal[i, s:s + 5].all() for i, s in enumerate(starts))  # one contiguous run
+    assert len(set(starts.tolist())) > 10  # at random places
+    again = SyntheticGenerator("ucf101", 300, feature_dim=32, num_classes=10, seed=4, informative_share=0.2,
+                               distractor_share=0.4).generate("train", 40, 80)
+    np.testing.assert_array_equal(again.feats, split.feats[40:80])  # block-independent, as the soft roles
+    default = SyntheticGenerator("ucf101", 300, feature_dim=32, num_classes=10, seed=4).generate("train")
+    assert not np.array_equal(default.feats, split.feats)
+    with pytest.raises(ValueError, match="informative_share must be in"):
+        SyntheticGenerator("ucf101", 30, informative_share=0.8, distractor_share=0.4)
+    with pytest.raises(ValueError, match="distractor_share needs informative_share"):
+        SyntheticGenerator("ucf101", 30, distractor_share=0.4)

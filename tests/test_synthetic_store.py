@@ -26,6 +26,7 @@ def assert_equals_make_synthetic(store, like: str, videos: int, dtype: str) -> N
         np.testing.assert_array_equal(arrays.feats[:], split.feats.astype(dtype))
         np.testing.assert_array_equal(arrays.labels[:], split.labels)
         assert list(arrays.video_ids[:]) == list(split.video_ids)
+        np.testing.assert_array_equal(store.frame_signal(name, 10), split.frame_signal[:10].astype(np.float16))
 
 
 @pytest.mark.parametrize("like", ["fcvid", "activitynet", "ucf101"])
@@ -83,3 +84,12 @@ def test_the_job_writes_a_store_and_refuses_bad_arguments(tmp_path):
     assert store.info.feature_dim == 8 and store.info.num_classes == 4 and store.info.protocol == "query_is_database"
     proc = job("--like", "fcvid", "--videos", "3", "--classes", "4", "--out", str(tmp_path / "t"))
     assert proc.returncode == 2 and "at least one train video per class" in proc.stderr
+
+
+def test_frames_that_matter_are_recorded_and_their_knob_is_in_the_generator(tmp_path):
+    store = write_synthetic(str(tmp_path / "s"), "ucf101", 120, feature_dim=16, num_classes=6, seed=1,
+                            informative_share=0.2, distractor_share=0.4)
+    signal = store.frame_signal("train", 120)
+    assert signal.shape == (120, 25) and (signal.sum(1) == 5).all()  # round(0.2 * 25) frames show the class
+    assert store.info.sources["generator"]["informative_share"] == 0.2
+    assert store.info.sources["generator"]["distractor_share"] == 0.4

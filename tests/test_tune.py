@@ -57,7 +57,7 @@ def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, sto
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["finished"] >= 1 and summary["model_uri"] == "models:/tiny-sweep@candidate"
     assert set(summary["best_params"]) >= {"train.lr", "loss.a", "loss.b", "sampler.mask_prob",
-                                           "cluster.kmeans_temperature", "sampler.gumbel_noise_scale"}
+                                           "loss.p2set_temperature", "sampler.tau"}
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("tune-tests").experiment_id
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")

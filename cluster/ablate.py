@@ -1,0 +1,399 @@
+"""The paper's Table 3 as one command (``jobs/ablate.py``): every row x seed is a trial of one Ray Tune grid,
+and every trial is a Ray Train run of the training entry, evaluated on the test protocol.
+
+Rows (``ROWS``; ``--rows`` picks them, ``tau<value>`` adds a sampler-noise row such as ``tau0.3``)::
+
+    IX           full: the paper recipe as configured
+    I            w/o GRL                       sampler.grl=false
+    II           random sampler                sampler.kind=random
+    VI           w/o FR                        loss.reconstruction=false
+    VII          w/o VC                        loss.view_contrastive=false
+    VIII         w/o P2Set                     loss.p2set=false
+    no-frweight  sampler hears L_FR through the token gate only   sampler.reconstruction_weight=false
+    hash-paper / hash-released                 model.hash_layer=...
+    released     the released code's recipe    --recipe released
+    tau<value>   IX at another Gumbel noise level                 sampler.tau=<value>
+
+The base configuration is the dataset preset with ``--recipe``/``--config``/``--set`` (and the reduced preset on
+generated data); a row's overrides and ``train.seed=<seed>`` come last. Evaluation runs every ``--eval-every``
+epochs for the GMAP-by-epoch curves. A training-free row, ITQ of mean-pooled features fitted on the training
+split, is added to the table.
+
+Output, printed and logged to one MLflow parent run (each trial is a child run): a table of mean ± std over
+seeds of mAP@5/20/40/60/80/100 and GMAP per row with the relative GMAP change against IX; GMAP by epoch of every
+row in one figure; and the epochs each row needs to reach 90 % of the full row's final GMAP (the paper's
+convergence claim for P2Set).
+
+Resuming: every finished trial writes ``<storage>/<name>/trials/<row>-s<seed>.json``. Re-running the same
+command runs only the trials without one (a trial interrupted mid-run resumes from its Train checkpoint, since
+its run name ``<name>-<row>-s<seed>`` is fixed) and reuses the parent MLflow run. A trial file written with
+another configuration is refused, naming the row and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from autossvh.baselines import ITQ
+from autossvh.config import Config, config_from_dict
+from autossvh.engine import Retrieval, evaluate_codes
+from cluster import tracking
+from cluster.cli import config_from_args
+from cluster.preflight import check_training_inputs
+from cluster.train import (
+    LOG_FORMAT,
+    absolute_path,
+    eval_labels,
+    finish,
+    init_ray,
+    make_trainer,
+    mlflow_locations,
+    resolve_data,
+    start_actor,
+)
+from cluster.train import add_arguments as add_train_arguments
+from cluster.tune import trial_resources
+from storage.schema import queries_are_database
+from storage.store import open_store
+
+log = logging.getLogger(__name__)
+
+ROWS: dict[str, tuple[str, str | None, list[str]]] = {
+    "IX": ("full", None, []),
+    "I": ("w/o GRL", None, ["sampler.grl=false"]),
+    "II": ("random sampler", None, ["sampler.kind=random"]),
+    "VI": ("w/o FR", None, ["loss.reconstruction=false"]),
+    "VII": ("w/o VC", None, ["loss.view_contrastive=false"]),
+    "VIII": ("w/o P2Set", None, ["loss.p2set=false"]),
+    "no-frweight": ("sampler w/o the L_FR weight path", None, ["sampler.reconstruction_weight=false"]),
+    "hash-paper": ("paper hash layer (Eq. 6-7)", None, ["model.hash_layer=paper"]),
+    "hash-released": ("released hash layer", None, ["model.hash_layer=released"]),
+    "released": ("released code's recipe", "released", []),
+}
+DEFAULT_ROWS = ("IX", "I", "II", "VI", "VII", "VIII", "released", "tau0.3", "tau3")
+FULL_ROW = "IX"
+CONVERGENCE_SHARE = 0.9
+KS = (5, 20, 40, 60, 80, 100)
+
+
+def row_definition(row: str) -> tuple[str, str | None, list[str]]:
+    """(description, recipe or None for --recipe, overrides) of a row name."""
+    if row in ROWS:
+        return ROWS[row]
+    if row.startswith("tau"):
+        try:
+            tau = float(row[3:])
+        except ValueError:
+            tau = math.nan
+        if math.isfinite(tau) and tau > 0:
+            return f"tau = {tau:g}", None, [f"sampler.tau={tau:g}"]
+    raise ValueError(f"--rows: unknown row {row!r}; allowed: {', '.join(ROWS)} or tau<value> (e.g. tau0.3)")
+
+
+def trial_key(row: str, seed: int) -> str:
+    return f"{row}-s{seed}"
+
+
+def trial_config(dataset: str, args: argparse.Namespace, base_overrides: list[str], row: str, seed: int) -> Config:
+    """The base configuration with the row's recipe and overrides and the seed, last."""
+    _, recipe, overrides = row_definition(row)
+    row_args = argparse.Namespace(**{**vars(args), "recipe": recipe or args.recipe,
+                                     "overrides": [*args.overrides, *overrides, f"train.seed={seed}"]})
+    return config_from_args(dataset, row_args, base_overrides)
+
+
+@dataclass
+class TrialResult:
+    """A finished trial: its final retrieval and GMAP by (1-based) epoch."""
+
+    row: str
+    seed: int
+    map_at_k: dict[int, float]
+    gmap_l2: float
+    gmap_by_epoch: dict[int, float]
+    mlflow_run_id: str
+    config: dict[str, Any]
+
+    def to_json(self) -> str:
+        data = {**self.__dict__, "map_at_k": {str(k): v for k, v in self.map_at_k.items()},
+                "gmap_by_epoch": {str(k): v for k, v in self.gmap_by_epoch.items()}}
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialResult:
+        data = json.loads(text)
+        data["map_at_k"] = {int(k): v for k, v in data["map_at_k"].items()}
+        data["gmap_by_epoch"] = {int(k): v for k, v in data["gmap_by_epoch"].items()}
+        return cls(**data)
+
+
+def _write_text(url: str, text: str) -> None:
+    """Write ``text`` to ``url`` (any fsspec URL) through a temporary name, so a reader never sees half of it."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path + ".tmp", "w") as f:
+        f.write(text)
+    fs.mv(path + ".tmp", path)
+
+
+def read_trials(results: str) -> dict[str, TrialResult]:
+    """Finished trials under the ablation's ``trials`` folder, by key."""
+    fs, path = fsspec.core.url_to_fs(results)
+    if not fs.exists(path):
+        return {}
+    return {Path(p).stem: TrialResult.from_json(fs.cat_file(p).decode()) for p in fs.glob(f"{path}/*.json")}
+
+
+def _trial(params: dict[str, Any], ablation: dict[str, Any]) -> dict[str, float]:
+    """One trial: a TorchTrainer on the store, its epochs forwarded to Tune, its result written to a file."""
+    import ray
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+    row, seed = params["trial"]["row"], params["trial"]["seed"]
+    key = trial_key(row, seed)
+    cfg = config_from_dict(ablation["configs"][key])
+    args = argparse.Namespace(**ablation["args"])
+    name = f"{ablation['name']}-{key}"
+    actor = start_actor(cfg, args, name)
+    try:
+        trainer = make_trainer(cfg, ablation["data"], ablation["options"], args, name, actor,
+                               callbacks=[TuneReportCallback()], mlflow_parent=ablation["parent_run_id"])
+        result = trainer.fit()
+    finally:
+        ray.kill(actor)
+    mlflow_uri, _ = mlflow_locations(args)
+    done = finish(result.checkpoint, cfg, mlflow_uri, args.experiment)
+    gmap_by_epoch = {r.epoch + 1: r.retrieval.gmap_l2 for r in done.history if r.retrieval is not None}
+    trial = TrialResult(row, seed, dict(done.retrieval.map_at_k), done.retrieval.gmap_l2, gmap_by_epoch,
+                        done.mlflow_run_id, cfg.to_dict())
+    _write_text(f"{ablation['results']}/{key}.json", trial.to_json())
+    return {"gmap_l2": done.retrieval.gmap_l2, **{f"map_at_{k}": v for k, v in done.retrieval.map_at_k.items()}}
+
+
+def itq_baseline(url: str, options: dict[str, Any], nbits: int) -> Retrieval:
+    """ITQ of mean-pooled features fitted on the store's training split, evaluated under its protocol."""
+    store = open_store(url, options)
+    labels = eval_labels(store)
+    block = store.info.shard_videos
+    itq = ITQ.fit(store.split("train").feats, nbits, block=block)
+    query = itq.codes(store.split("query").feats, block=block)
+    db = query if queries_are_database(store.info.protocol) else itq.codes(store.split("database").feats,
+                                                                             block=block)
+    return evaluate_codes(query, labels["query"], db, labels["database"])
+
+
+@dataclass
+class RowSummary:
+    """Mean and standard deviation over a row's seeds."""
+
+    row: str
+    description: str
+    seeds: int
+    map_mean: dict[int, float]
+    map_std: dict[int, float]
+    gmap_mean: float
+    gmap_std: float
+    gmap_by_epoch: dict[int, tuple[float, float]]  # epoch -> (mean, std) over the seeds evaluated then
+    epochs_to_target: float | None  # mean first epoch at CONVERGENCE_SHARE of the full row's final GMAP
+
+    @classmethod
+    def of(cls, row: str, description: str, trials: list[TrialResult], target: float | None) -> RowSummary:
+        maps = np.array([[t.map_at_k[k] for k in KS] for t in trials])
+        gmaps = np.array([t.gmap_l2 for t in trials])
+        epochs = sorted(set().union(*(t.gmap_by_epoch for t in trials)))
+        by_epoch = {e: (float(np.mean(v)), float(np.std(v))) for e in epochs
+                    if (v := [t.gmap_by_epoch[e] for t in trials if e in t.gmap_by_epoch])}
+        reached = None
+        if target is not None:
+            firsts = [min((e for e, g in t.gmap_by_epoch.items() if g >= target), default=None) for t in trials]
+            reached = float(np.mean(firsts)) if all(f is not None for f in firsts) else None
+        return cls(row, description, len(trials), dict(zip(KS, maps.mean(0).tolist(), strict=True)),
+                   dict(zip(KS, maps.std(0).tolist(), strict=True)), float(gmaps.mean()), float(gmaps.std()),
+                   by_epoch, reached)
+
+
+def summarise(trials: dict[str, TrialResult], rows: list[str], itq: Retrieval | None) -> list[RowSummary]:
+    """One summary per row (in ``rows`` order) plus ITQ; the convergence target is 90 % of the full row's mean
+    final GMAP when the full row ran."""
+    by_row = {row: [t for t in trials.values() if t.row == row] for row in rows}
+    full = by_row.get(FULL_ROW)
+    target = CONVERGENCE_SHARE * float(np.mean([t.gmap_l2 for t in full])) if full else None
+    summaries = [RowSummary.of(row, row_definition(row)[0], by_row[row], target) for row in rows if by_row[row]]
+    if itq is not None:
+        summaries.append(RowSummary("ITQ", "ITQ of mean-pooled features", 1,
+                                    dict(itq.map_at_k), dict.fromkeys(KS, 0.0), itq.gmap_l2, 0.0, {}, None))
+    return summaries
+
+
+def table_text(summaries: list[RowSummary], title: str) -> str:
+    """The ablation table: mean ± std of mAP@K and GMAP per row, ΔGMAP against IX, epochs to 90 % of IX."""
+    full = next((s for s in summaries if s.row == FULL_ROW), None)
+    header = (f"{'row':<12} {'what':<34} {'seeds':>5} " + " ".join(f"{'mAP@' + str(k):>13}" for k in KS)
+              + f" {'GMAP':>13} {'vs IX':>7} {'ep. to 90% IX':>13}")
+    lines = [title, header, "-" * len(header)]
+    for s in summaries:
+        change = f"{100 * (s.gmap_mean / full.gmap_mean - 1):+6.1f}%" if full and full.gmap_mean > 0 else "    n/a"
+        epochs = "never" if s.epochs_to_target is None else f"{s.epochs_to_target:.1f}"
+        if s.row == "ITQ":
+            epochs = "-"
+        cells = " ".join(f"{s.map_mean[k]:.4f}±{s.map_std[k]:.4f}" for k in KS)
+        lines.append(f"{s.row:<12} {s.description[:34]:<34} {s.seeds:>5} {cells} "
+                     f"{s.gmap_mean:.4f}±{s.gmap_std:.4f} {change:>7} {epochs:>13}")
+    if full is not None:
+        lines.append(f"epochs to 90%: first epoch (1-based, mean over seeds) at which a row's GMAP reaches "
+                     f"{CONVERGENCE_SHARE:.0%} of IX's mean final GMAP ({CONVERGENCE_SHARE * full.gmap_mean:.4f})")
+    return "\n".join(lines)
+
+
+def plot_gmap_by_epoch(summaries: list[RowSummary], path: Path, title: str) -> Path:
+    """GMAP (mean over seeds, ± std shaded) against the epoch of every row in one figure; ITQ as a line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 5.0), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    for s in summaries:
+        if s.row == "ITQ":
+            ax.axhline(s.gmap_mean, color="grey", linestyle="--", linewidth=1.2, label="ITQ (no training)")
+            continue
+        epochs = sorted(s.gmap_by_epoch)
+        mean = np.array([s.gmap_by_epoch[e][0] for e in epochs])
+        std = np.array([s.gmap_by_epoch[e][1] for e in epochs])
+        width = 2.2 if s.row == FULL_ROW else 1.2
+        (line,) = ax.plot(epochs, mean, linewidth=width, label=f"{s.row}: {s.description}")
+        ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("GMAP = sqrt(sum of mAP@K^2), K = 5..100")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def _parent_run(state_url: str, mlflow_uri: str, artifacts: str, args: argparse.Namespace, name: str,
+                cfg: Config, extra: dict[str, Any]) -> str:
+    """The ablation's parent MLflow run: the one recorded by an earlier attempt, else a new one."""
+    fs, path = fsspec.core.url_to_fs(state_url)
+    if fs.exists(path):
+        return json.loads(fs.cat_file(path))["parent_run_id"]
+    with tracking.start_run(mlflow_uri, args.experiment, run_name=name, artifact_location=artifacts) as parent:
+        tracking.log_config(cfg, extra)
+        run_id = parent.info.run_id
+    _write_text(state_url, json.dumps({"parent_run_id": run_id}))
+    return run_id
+
+
+def run_ablation(dataset: str, args: argparse.Namespace) -> int:
+    """The ablation per ``args`` (see :func:`add_arguments`); returns the exit code."""
+    import ray
+    from ray import tune
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    name = args.name or f"{dataset}-ablation"
+    try:
+        rows = list(dict.fromkeys(args.rows))
+        for row in rows:
+            row_definition(row)
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        args.overrides = [*args.overrides, f"train.eval_every={args.eval_every}"]
+        url, options, base_overrides, store = resolve_data(dataset, args)
+        base_cfg = config_from_args(dataset, args, base_overrides)
+        configs = {}
+        for row in rows:
+            for seed in range(args.seeds):
+                cfg = trial_config(dataset, args, base_overrides, row, seed)
+                check_training_inputs(cfg, store, args.workers)
+                configs[trial_key(row, seed)] = cfg.to_dict()
+        storage = absolute_path(args.storage)
+        root = f"{storage.rstrip('/')}/{name}"
+        results = f"{root}/trials"
+        finished = read_trials(results)
+        for key, trial in finished.items():
+            if key in configs and trial.config != configs[key]:
+                raise ValueError(f"trial {key} of ablation {name!r} was run with another configuration (in "
+                                 f"{results}/{key}.json); use another --name, or the settings it ran with")
+        mlflow_uri, artifacts = mlflow_locations(args)
+        tracking.check_reachable(mlflow_uri)
+    except (ValueError, tracking.TrackingError) as err:
+        log.error("%s", err)
+        return 2
+    pending = [{"row": row, "seed": seed} for row in rows for seed in range(args.seeds)
+               if trial_key(row, seed) not in finished]
+    parent_run_id = _parent_run(f"{root}/ablation.json", mlflow_uri, artifacts, args, name, base_cfg,
+                                {"data": url, "rows": rows, "seeds": args.seeds, "ablation": True})
+    log.info("ablation %r: %d rows x %d seeds, %d trials done, %d to run", name, len(rows), args.seeds,
+             len(configs) - len(pending), len(pending))
+    if pending:
+        init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus)
+        args.gpus_per_worker, fits = trial_resources(args, ray.cluster_resources())
+        concurrent = args.max_concurrent or min(fits, len(pending))
+        args.storage, args.mlflow_uri, args.mlflow_artifacts = storage, mlflow_uri, artifacts
+        ablation = {"configs": configs, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in
+                                                  vars(args).items()},
+                    "data": url, "options": options, "name": name, "parent_run_id": parent_run_id,
+                    "results": results}
+        tuner = tune.Tuner(
+            tune.with_parameters(_trial, ablation=ablation),
+            param_space={"trial": tune.grid_search(pending)},
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(storage_path=storage, name=f"{name}-tune-{int(time.time())}"),
+        )
+        grid = tuner.fit()
+        if grid.num_errors:
+            log.error("%d of %d trials failed; see the trial logs under %s. Re-run the same command to run them "
+                      "again (finished trials are kept)", grid.num_errors, len(pending), storage)
+    finished = read_trials(results)
+    missing = [key for key in configs if key not in finished]
+    itq = itq_baseline(url, options, base_cfg.model.nbits)
+    summaries = summarise({k: v for k, v in finished.items() if k in configs}, rows, itq)
+    title = (f"{dataset}{'' if args.data else ' (synthetic)'} ablation {name!r}, {base_cfg.model.nbits} bits, "
+             f"{base_cfg.train.num_epochs} epochs, test protocol, mean ± std over seeds")
+    text = table_text(summaries, title)
+    with tracking.start_run(mlflow_uri, args.experiment, run_id=parent_run_id), \
+            tempfile.TemporaryDirectory() as folder:
+        import mlflow
+
+        out = Path(folder)
+        (out / "ablation_table.txt").write_text(text + "\n")
+        (out / "ablation.json").write_text(json.dumps([s.__dict__ for s in summaries], indent=2, default=str))
+        plot_gmap_by_epoch(summaries, out / "gmap_by_epoch.png", title)
+        for file in ("ablation_table.txt", "ablation.json", "gmap_by_epoch.png"):
+            mlflow.log_artifact(str(out / file))
+        mlflow.log_metrics({f"{s.row}/gmap_l2_mean": s.gmap_mean for s in summaries}
+                           | {f"{s.row}/gmap_l2_std": s.gmap_std for s in summaries})
+    print(text)
+    print(f"MLflow parent run {parent_run_id}: mlflow ui --backend-store-uri {mlflow_uri}")
+    if args.summary_json is not None:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps({"rows": [s.__dict__ for s in summaries], "missing": missing,
+                                                 "parent_run_id": parent_run_id}, indent=2, default=str))
+    if missing:
+        log.error("trials without a result: %s; re-run the same command to run them", ", ".join(missing))
+        return 1
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_train_arguments(parser)
+    parser.add_argument("--dataset", required=True, choices=["activitynet", "fcvid", "ucf101", "hmdb51"])
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
+                        help=f"rows to run (default: {' '.join(DEFAULT_ROWS)}); see cluster/ablate.py")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per row: train.seed = 0 .. seeds-1")
+    parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (GMAP-by-epoch curve)")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster holds)")
+    parser.set_defaults(workers=1, name=None)
