@@ -1,5 +1,5 @@
-"""The one-epoch engine that every trainer reuses: optimiser, schedule, ``train_one_epoch``, ``encode``,
-clustering round, retrieval evaluation, and model save/load as state dicts."""
+"""The one-epoch engine that every trainer reuses: optimiser, schedule, ``train_one_epoch``, ``encode``, a
+clustering round in one process, retrieval evaluation of codes, and model save/load as state dicts."""
 
 from __future__ import annotations
 
@@ -200,13 +200,11 @@ def array_batches(feats: np.ndarray, batch_size: int) -> Iterator[Tensor]:
         yield torch.from_numpy(np.ascontiguousarray(feats[start:start + batch_size], dtype=np.float32))
 
 
-def clustering_round(model: AutoSSVH, train_batches: Iterable[Batch], cfg: Config,
-                     device: torch.device) -> tuple[ClusteringResult, float]:
-    """Encode the training set and cluster it; returns the result and the seconds it took."""
-    start = time.perf_counter()
+def encode_and_cluster(model: AutoSSVH, train_batches: Iterable[Batch], cfg: Config,
+                       device: torch.device) -> ClusteringResult:
+    """A clustering round in one process: encode the training set and cluster its codes."""
     encoded = encode(model, train_batches, device)
-    result = cluster_codes(encoded.features, encoded.codes, cfg.cluster, use_gpu=device.type == "cuda")
-    return result, time.perf_counter() - start
+    return cluster_codes(encoded.features, encoded.codes, cfg.cluster, use_gpu=device.type == "cuda")
 
 
 @dataclass

@@ -226,14 +226,15 @@ def map_at_k(
     q, db, lq, ldb = _check_pair(query_codes, db_codes, query_labels, db_labels)
     ks_list = _check_ks(ks, db.shape[0])
     kmax = max(ks_list)
+    ranked, _ = hamming_ranking(q, db, kmax, chunk_size=chunk_size)
     rows = _check_chunk(chunk_size, max(1, _CHUNK_ELEMENTS // db.shape[0]))
     qp, dbp = _pack_labels(lq), _pack_labels(ldb)
     positions = np.arange(1, kmax + 1, dtype=np.float64)
     cols = np.array(ks_list) - 1
     ap_sums = np.zeros(len(ks_list), dtype=np.float64)
-    for start, idx, _ in _iter_topk(q, db, kmax, rows):
-        qc = qp[start : start + idx.shape[0]]
-        rel = ((dbp[idx] & qc[:, None, :]) != 0).any(axis=2)
+    for start in range(0, q.shape[0], rows):
+        idx = ranked[start : start + rows]
+        rel = ((dbp[idx] & qp[start : start + rows, None, :]) != 0).any(axis=2)
         precision_at_i = np.cumsum(rel, axis=1) / positions
         ap_sums += np.cumsum(rel * precision_at_i, axis=1)[:, cols].sum(axis=0)
     maps = ap_sums / (q.shape[0] * np.array(ks_list, dtype=np.float64))

@@ -346,6 +346,13 @@ class AutoSSVH(nn.Module):
         )
 
 
+def leaves_parameters_unused(cfg: Config) -> bool:
+    """Whether a training step leaves some parameters out of the backward graph, so that data-parallel training
+    must search for them every step (DDP's ``find_unused_parameters``, an extra autograd traversal): only the
+    decoder, which feeds nothing but the reconstruction loss, when that loss is off."""
+    return not cfg.loss.reconstruction
+
+
 def video_codes(frame_codes: Tensor) -> tuple[Tensor, Tensor]:
     """Retrieval codes sign(mean over frames) in {-1, 0, +1} (0 on a tie, REFERENCE §3.4) and the
     L2-normalised mean codes that k-means clusters."""

@@ -1,9 +1,13 @@
-"""Single-process training on in-memory arrays: the released training loop (REFERENCE §7) in one process.
+"""The epoch skeleton every trainer shares, and single-process training on in-memory arrays.
 
-Per epoch: a clustering round if P2Set is on and the epoch is past warm-up, then one training epoch, then one
-scheduler step and the sampler's diagnostics on the first training videos (``autossvh.diagnostics``);
-evaluation every ``train.eval_every`` epochs and after the last one. Distributed training reuses the same
-engine pieces.
+One epoch (:func:`run_epoch`, the released training loop of REFERENCE §7): a clustering round if
+:func:`should_cluster`, one training epoch and one scheduler step, the sampler's diagnostics on a probe set
+(``autossvh.diagnostics``), and an evaluation if :func:`should_evaluate` (every ``train.eval_every`` epochs and
+after the last one). A trainer supplies the steps through :class:`EpochSteps`: :class:`ArraySteps` here, on
+arrays in one process; ``cluster.worker.TrainWorker`` on a Zarr store across Ray Train workers.
+
+Epochs are 0-based in code, checkpoints and MLflow steps; the progress line counts them from 1 (``epoch 3/8``
+is epoch 2).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from autossvh.clustering import ClusteringResult
 from autossvh.config import Config
 from autossvh.diagnostics import PROBE_VIDEOS, SamplerDiagnostics, sampler_diagnostics
 from autossvh.engine import (
@@ -27,8 +33,8 @@ from autossvh.engine import (
     array_batches,
     build_optimizer,
     build_scheduler,
-    clustering_round,
     encode,
+    encode_and_cluster,
     evaluate_codes,
     seconds_to_text,
     should_cluster,
@@ -38,6 +44,83 @@ from autossvh.losses import ClusterTargets
 from autossvh.model import AutoSSVH
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did: its learning rate, training statistics, clustering, sampler and evaluation."""
+
+    epoch: int
+    lr: float
+    stats: EpochStats
+    cluster_seconds: float = 0.0
+    kmeans_objective: list[float] = field(default_factory=list)
+    retrieval: Retrieval | None = None
+    distinct_centers: list[int] = field(default_factory=list)
+    sampler: SamplerDiagnostics | None = None
+    eval_seconds: float = 0.0
+
+
+def should_evaluate(cfg: Config, epoch: int) -> bool:
+    """Evaluation after every ``train.eval_every`` epochs and after the last one."""
+    return (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.num_epochs
+
+
+class EpochSteps(Protocol):
+    """The parts of an epoch that depend on where the data and the model live."""
+
+    def learning_rate(self) -> float:
+        """The hashing network's learning rate for the coming epoch."""
+
+    def cluster(self, epoch: int) -> ClusteringResult:
+        """Encode the training split and cluster it."""
+
+    def train_epoch(self, epoch: int, targets: ClusterTargets | None) -> EpochStats:
+        """One training epoch and one scheduler step."""
+
+    def probe_sampler(self) -> SamplerDiagnostics | None:
+        """The sampler's diagnostics (None where this process does not compute them)."""
+
+    def evaluate(self, epoch: int) -> Retrieval | None:
+        """mAP@K and GMAP of the current model (None where this process does not compute them)."""
+
+
+def run_epoch(steps: EpochSteps, cfg: Config, epoch: int, device: torch.device) -> EpochRecord:
+    """One epoch of the released loop through ``steps``; returns its record."""
+    lr = steps.learning_rate()
+    targets, cluster_seconds, objective, distinct = None, 0.0, [], []
+    if should_cluster(cfg, epoch):
+        tic = time.perf_counter()
+        result = steps.cluster(epoch)
+        targets = ClusterTargets.from_result(result, device)
+        cluster_seconds, objective, distinct = time.perf_counter() - tic, list(result.objective), result.num_distinct
+    stats = steps.train_epoch(epoch, targets)
+    diagnostics = steps.probe_sampler()
+    retrieval, eval_seconds = None, 0.0
+    if should_evaluate(cfg, epoch):
+        tic = time.perf_counter()
+        retrieval = steps.evaluate(epoch)
+        eval_seconds = time.perf_counter() - tic
+    return EpochRecord(epoch, lr, stats, cluster_seconds, objective, retrieval, distinct, diagnostics, eval_seconds)
+
+
+def epoch_line(record: EpochRecord, epochs: int, eta: float) -> str:
+    """The per-epoch progress line: losses, learning rate, throughput, sampler, clustering, evaluation, ETA."""
+    s = record.stats
+    line = (f"epoch {record.epoch + 1}/{epochs} loss {s.loss:.4f} (rec {s.rec:.4f} vc {s.vc:.4f} "
+            f"p2set {s.p2set:.4f}) lr {record.lr:.2e} {s.videos_per_s:.0f} videos/s train {s.seconds:.1f}s")
+    if record.sampler is not None and math.isfinite(record.sampler.selectivity):
+        line += f" selectivity {record.sampler.selectivity:.2f}"
+    if record.cluster_seconds:
+        line += f" clustering {record.cluster_seconds:.1f}s"
+    if s.skipped_steps:
+        line += f" skipped {s.skipped_steps} non-finite steps"
+    if record.retrieval is not None:
+        line += f" eval {record.eval_seconds:.1f}s mAP@5 {record.retrieval.map_at_k[5]:.4f}"
+    return f"{line} ETA {seconds_to_text(eta)}"
+
+
+# ----- single process, arrays in memory ------------------------------------------------------------------------
 
 
 @dataclass
@@ -52,18 +135,6 @@ class RetrievalData:
     database: np.ndarray
     database_labels: np.ndarray
     train_signal: np.ndarray | None = None
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    lr: float
-    stats: EpochStats
-    cluster_seconds: float = 0.0
-    kmeans_objective: list[float] = field(default_factory=list)
-    retrieval: Retrieval | None = None
-    distinct_centers: list[int] = field(default_factory=list)
-    sampler: SamplerDiagnostics | None = None
 
 
 @dataclass
@@ -90,12 +161,49 @@ def _train_batches(feats: np.ndarray, index_batches: list[Tensor]) -> Iterator[t
         yield torch.from_numpy(np.asarray(feats[rows], dtype=np.float32)), torch.from_numpy(rows)
 
 
-def evaluate_model(model: AutoSSVH, data: RetrievalData, device: torch.device, with_pr: bool = False) -> Retrieval:
-    """mAP@K and GMAP (L2), optionally precision/recall by radius, under the data's query/database protocol."""
+def evaluate_arrays(model: AutoSSVH, data: RetrievalData, device: torch.device, with_pr: bool = False) -> Retrieval:
+    """mAP@K and GMAP (L2), optionally precision/recall by radius, of ``model`` on in-memory splits under the
+    data's query/database protocol."""
     bs = model.cfg.train.test_batch_size
     query = encode(model, array_batches(data.query, bs), device)
     db = query if data.database is data.query else encode(model, array_batches(data.database, bs), device)
     return evaluate_codes(query.codes, data.query_labels, db.codes, data.database_labels, with_pr)
+
+
+class ArraySteps:
+    """:class:`EpochSteps` on arrays in one process (seeded shuffles, precision/recall at the last epoch)."""
+
+    def __init__(self, cfg: Config, data: RetrievalData, device: torch.device) -> None:
+        self.cfg, self.data, self.device = cfg, data, device
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.model = AutoSSVH(cfg).to(device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        self.probe = torch.from_numpy(np.asarray(data.train[:PROBE_VIDEOS]))
+        self.signal = None if data.train_signal is None else data.train_signal[:PROBE_VIDEOS]
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def cluster(self, epoch: int) -> ClusteringResult:
+        return encode_and_cluster(self.model, array_batches(self.data.train, self.cfg.train.test_batch_size),
+                                  self.cfg, self.device)
+
+    def train_epoch(self, epoch: int, targets: ClusterTargets | None) -> EpochStats:
+        batches = shuffled_batches(len(self.data.train), self.cfg.train.batch_size, self.generator)
+        stats = train_one_epoch(self.model, _train_batches(self.data.train, batches), self.optimizer, self.cfg,
+                                self.device, targets, guard=self.guard)
+        self.scheduler.step()
+        return stats
+
+    def probe_sampler(self) -> SamplerDiagnostics:
+        return sampler_diagnostics(self.model, self.probe, self.signal)
+
+    def evaluate(self, epoch: int) -> Retrieval:
+        return evaluate_arrays(self.model, self.data, self.device, with_pr=epoch + 1 == self.cfg.train.num_epochs)
 
 
 def fit(
@@ -112,57 +220,16 @@ def fit(
                          f"(N, {cfg.data.max_frames}, {cfg.data.feature_size})")
     if len(data.train) < 2:
         raise ValueError(f"the train split has {len(data.train)} videos; at least 2 are needed")
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    model = AutoSSVH(cfg).to(device)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
+    steps = ArraySteps(cfg, data, device)
     history: list[EpochRecord] = []
-    retrieval: Retrieval | None = None
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     start = time.perf_counter()
     epochs = cfg.train.num_epochs
     for epoch in range(epochs):
-        lr = optimizer.param_groups[0]["lr"]
-        targets, cluster_seconds, objective, distinct = None, 0.0, [], []
-        if should_cluster(cfg, epoch):
-            result, cluster_seconds = clustering_round(
-                model, array_batches(data.train, cfg.train.test_batch_size), cfg, device)
-            objective, distinct = result.objective, result.num_distinct
-            targets = ClusterTargets.from_result(result, device)
-        index_batches = shuffled_batches(len(data.train), cfg.train.batch_size, generator)
-        stats = train_one_epoch(model, _train_batches(data.train, index_batches), optimizer, cfg, device, targets,
-                                guard=guard)
-        scheduler.step()
-        signal = None if data.train_signal is None else data.train_signal[:PROBE_VIDEOS]
-        diagnostics = sampler_diagnostics(model, torch.from_numpy(np.asarray(data.train[:PROBE_VIDEOS])), signal)
-        evaluation = None
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-            evaluation = retrieval = evaluate_model(model, data, device, with_pr=epoch + 1 == epochs)
-        record = EpochRecord(epoch, lr, stats, cluster_seconds, objective, evaluation, distinct, diagnostics)
+        record = run_epoch(steps, cfg, epoch, device)
         history.append(record)
-        elapsed = time.perf_counter() - start
-        log.info(epoch_line(record, epochs, elapsed / (epoch + 1) * (epochs - epoch - 1)))
+        log.info(epoch_line(record, epochs, (time.perf_counter() - start) / (epoch + 1) * (epochs - epoch - 1)))
         if on_epoch is not None:
             on_epoch(record)
-    assert retrieval is not None
-    return FitResult(model=model, history=history, retrieval=retrieval, seconds=time.perf_counter() - start)
-
-
-def epoch_line(record: EpochRecord, epochs: int, eta: float, eval_seconds: float | None = None) -> str:
-    """The per-epoch progress line: losses, learning rate, throughput, clustering and evaluation, ETA."""
-    s = record.stats
-    line = (f"epoch {record.epoch + 1}/{epochs} loss {s.loss:.4f} (rec {s.rec:.4f} vc {s.vc:.4f} "
-            f"p2set {s.p2set:.4f}) lr {record.lr:.2e} {s.videos_per_s:.0f} videos/s train {s.seconds:.1f}s")
-    if record.sampler is not None and math.isfinite(record.sampler.selectivity):
-        line += f" selectivity {record.sampler.selectivity:.2f}"
-    if record.cluster_seconds:
-        line += f" clustering {record.cluster_seconds:.1f}s"
-    if s.skipped_steps:
-        line += f" skipped {s.skipped_steps} non-finite steps"
-    if record.retrieval is not None:
-        if eval_seconds is not None:
-            line += f" eval {eval_seconds:.1f}s"
-        line += f" mAP@5 {record.retrieval.map_at_k[5]:.4f}"
-    return f"{line} ETA {seconds_to_text(eta)}"
+    retrieval = history[-1].retrieval
+    assert retrieval is not None  # should_evaluate holds at the last epoch
+    return FitResult(model=steps.model, history=history, retrieval=retrieval, seconds=time.perf_counter() - start)

@@ -51,19 +51,9 @@ from autossvh.engine import Retrieval, evaluate_codes
 from cluster import tracking
 from cluster.cli import config_from_args
 from cluster.preflight import check_training_inputs
-from cluster.train import (
-    LOG_FORMAT,
-    absolute_path,
-    eval_labels,
-    finish,
-    init_ray,
-    make_trainer,
-    mlflow_locations,
-    resolve_data,
-    start_actor,
-)
+from cluster.runtime import LOG_FORMAT, absolute_path, init_ray, mlflow_locations, trial_resources
 from cluster.train import add_arguments as add_train_arguments
-from cluster.tune import trial_resources
+from cluster.train import log_result_files, make_trainer, read_final_checkpoint, resolve_data, start_actor
 from storage.schema import queries_are_database
 from storage.store import open_store
 
@@ -173,8 +163,9 @@ def _trial(params: dict[str, Any], ablation: dict[str, Any]) -> dict[str, float]
         result = trainer.fit()
     finally:
         ray.kill(actor)
-    mlflow_uri, _ = mlflow_locations(args)
-    done = finish(result.checkpoint, cfg, mlflow_uri, args.experiment)
+    mlflow_uri, _ = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
+    done = read_final_checkpoint(result.checkpoint, cfg)
+    log_result_files(done, cfg, mlflow_uri, args.experiment)
     gmap_by_epoch = {r.epoch + 1: r.retrieval.gmap_l2 for r in done.history if r.retrieval is not None}
     trial = TrialResult(row, seed, dict(done.retrieval.map_at_k), done.retrieval.gmap_l2, gmap_by_epoch,
                         done.mlflow_run_id, cfg.to_dict())
@@ -185,7 +176,7 @@ def _trial(params: dict[str, Any], ablation: dict[str, Any]) -> dict[str, float]
 def itq_baseline(url: str, options: dict[str, Any], nbits: int) -> Retrieval:
     """ITQ of mean-pooled features fitted on the store's training split, evaluated under its protocol."""
     store = open_store(url, options)
-    labels = eval_labels(store)
+    labels = store.eval_labels()
     block = store.info.shard_videos
     itq = ITQ.fit(store.split("train").feats, nbits, block=block)
     query = itq.codes(store.split("query").feats, block=block)
@@ -297,95 +288,135 @@ def _parent_run(state_url: str, mlflow_uri: str, artifacts: str, args: argparse.
     return run_id
 
 
-def run_ablation(dataset: str, args: argparse.Namespace) -> int:
-    """The ablation per ``args`` (see :func:`add_arguments`); returns the exit code."""
+@dataclass
+class AblationPlan:
+    """The trials of an ablation, checked before Ray starts: their configs by key, and the finished ones."""
+
+    name: str
+    rows: list[str]
+    url: str
+    options: dict[str, Any]
+    base: Config
+    configs: dict[str, dict[str, Any]]
+    root: str  # <storage>/<name>
+    finished: dict[str, TrialResult]
+    mlflow_uri: str
+    artifacts: str
+
+    @property
+    def results(self) -> str:
+        return f"{self.root}/trials"
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The (row, seed) of every trial without a result, in table order."""
+        keys = [key.rsplit("-s", 1) for key in self.configs if key not in self.finished]
+        return [{"row": row, "seed": int(seed)} for row, seed in keys]
+
+
+def plan_ablation(dataset: str, args: argparse.Namespace) -> AblationPlan:
+    """Rows, configs and finished trials; raises ValueError (or TrackingError) naming what is wrong."""
+    rows = list(dict.fromkeys(args.rows))
+    for row in rows:
+        row_definition(row)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    name = args.name or f"{dataset}-ablation"
+    args.overrides = [*args.overrides, f"train.eval_every={args.eval_every}"]
+    url, options, base_overrides, store = resolve_data(dataset, args)
+    configs = {}
+    for row in rows:
+        for seed in range(args.seeds):
+            cfg = trial_config(dataset, args, base_overrides, row, seed)
+            check_training_inputs(cfg, store, args.workers)
+            configs[trial_key(row, seed)] = cfg.to_dict()
+    root = f"{absolute_path(args.storage).rstrip('/')}/{name}"
+    finished = read_trials(f"{root}/trials")
+    for key, trial in finished.items():
+        if key in configs and trial.config != configs[key]:
+            raise ValueError(f"trial {key} of ablation {name!r} was run with another configuration (in "
+                             f"{root}/trials/{key}.json); use another --name, or the settings it ran with")
+    mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
+    tracking.check_reachable(mlflow_uri)
+    return AblationPlan(name, rows, url, options, config_from_args(dataset, args, base_overrides), configs, root,
+                        finished, mlflow_uri, artifacts)
+
+
+def run_trials(plan: AblationPlan, args: argparse.Namespace, parent_run_id: str) -> None:
+    """The pending trials as one Ray Tune grid, as many at once as the cluster holds (or --max-concurrent)."""
     import ray
     from ray import tune
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    name = args.name or f"{dataset}-ablation"
-    try:
-        rows = list(dict.fromkeys(args.rows))
-        for row in rows:
-            row_definition(row)
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-        args.overrides = [*args.overrides, f"train.eval_every={args.eval_every}"]
-        url, options, base_overrides, store = resolve_data(dataset, args)
-        base_cfg = config_from_args(dataset, args, base_overrides)
-        configs = {}
-        for row in rows:
-            for seed in range(args.seeds):
-                cfg = trial_config(dataset, args, base_overrides, row, seed)
-                check_training_inputs(cfg, store, args.workers)
-                configs[trial_key(row, seed)] = cfg.to_dict()
-        storage = absolute_path(args.storage)
-        root = f"{storage.rstrip('/')}/{name}"
-        results = f"{root}/trials"
-        finished = read_trials(results)
-        for key, trial in finished.items():
-            if key in configs and trial.config != configs[key]:
-                raise ValueError(f"trial {key} of ablation {name!r} was run with another configuration (in "
-                                 f"{results}/{key}.json); use another --name, or the settings it ran with")
-        mlflow_uri, artifacts = mlflow_locations(args)
-        tracking.check_reachable(mlflow_uri)
-    except (ValueError, tracking.TrackingError) as err:
-        log.error("%s", err)
-        return 2
-    pending = [{"row": row, "seed": seed} for row in rows for seed in range(args.seeds)
-               if trial_key(row, seed) not in finished]
-    parent_run_id = _parent_run(f"{root}/ablation.json", mlflow_uri, artifacts, args, name, base_cfg,
-                                {"data": url, "rows": rows, "seeds": args.seeds, "ablation": True})
-    log.info("ablation %r: %d rows x %d seeds, %d trials done, %d to run", name, len(rows), args.seeds,
-             len(configs) - len(pending), len(pending))
-    if pending:
-        init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus)
-        args.gpus_per_worker, fits = trial_resources(args, ray.cluster_resources())
-        concurrent = args.max_concurrent or min(fits, len(pending))
-        args.storage, args.mlflow_uri, args.mlflow_artifacts = storage, mlflow_uri, artifacts
-        ablation = {"configs": configs, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in
-                                                  vars(args).items()},
-                    "data": url, "options": options, "name": name, "parent_run_id": parent_run_id,
-                    "results": results}
-        tuner = tune.Tuner(
-            tune.with_parameters(_trial, ablation=ablation),
-            param_space={"trial": tune.grid_search(pending)},
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(storage_path=storage, name=f"{name}-tune-{int(time.time())}"),
-        )
-        grid = tuner.fit()
-        if grid.num_errors:
-            log.error("%d of %d trials failed; see the trial logs under %s. Re-run the same command to run them "
-                      "again (finished trials are kept)", grid.num_errors, len(pending), storage)
-    finished = read_trials(results)
-    missing = [key for key in configs if key not in finished]
-    itq = itq_baseline(url, options, base_cfg.model.nbits)
-    summaries = summarise({k: v for k, v in finished.items() if k in configs}, rows, itq)
-    title = (f"{dataset}{'' if args.data else ' (synthetic)'} ablation {name!r}, {base_cfg.model.nbits} bits, "
-             f"{base_cfg.train.num_epochs} epochs, test protocol, mean ± std over seeds")
+    pending = plan.pending()
+    init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus)
+    args.gpus_per_worker, fits = trial_resources(args, ray.cluster_resources())
+    storage = absolute_path(args.storage)
+    args.storage, args.mlflow_uri, args.mlflow_artifacts = storage, plan.mlflow_uri, plan.artifacts  # trial folders
+    ablation = {"configs": plan.configs, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in
+                                                   vars(args).items()},
+                "data": plan.url, "options": plan.options, "name": plan.name, "parent_run_id": parent_run_id,
+                "results": plan.results}
+    tuner = tune.Tuner(
+        tune.with_parameters(_trial, ablation=ablation),
+        param_space={"trial": tune.grid_search(pending)},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=args.max_concurrent or min(fits,
+                                                                                                 len(pending))),
+        run_config=tune.RunConfig(storage_path=storage, name=f"{plan.name}-tune-{int(time.time())}"),
+    )
+    grid = tuner.fit()
+    if grid.num_errors:
+        log.error("%d of %d trials failed; see the trial logs under %s. Re-run the same command to run them again "
+                  "(finished trials are kept)", grid.num_errors, len(pending), storage)
+
+
+def report(plan: AblationPlan, dataset: str, args: argparse.Namespace, parent_run_id: str) -> int:
+    """The table, figure and summary of the finished trials, printed and logged to the parent run."""
+    finished = {k: v for k, v in read_trials(plan.results).items() if k in plan.configs}
+    missing = [key for key in plan.configs if key not in finished]
+    summaries = summarise(finished, plan.rows, itq_baseline(plan.url, plan.options, plan.base.model.nbits))
+    title = (f"{dataset}{'' if args.data else ' (synthetic)'} ablation {plan.name!r}, {plan.base.model.nbits} bits, "
+             f"{plan.base.train.num_epochs} epochs, test protocol, mean ± std over seeds")
     text = table_text(summaries, title)
-    with tracking.start_run(mlflow_uri, args.experiment, run_id=parent_run_id), \
+    rows = [s.__dict__ for s in summaries]
+    with tracking.start_run(plan.mlflow_uri, args.experiment, run_id=parent_run_id), \
             tempfile.TemporaryDirectory() as folder:
         import mlflow
 
         out = Path(folder)
         (out / "ablation_table.txt").write_text(text + "\n")
-        (out / "ablation.json").write_text(json.dumps([s.__dict__ for s in summaries], indent=2, default=str))
+        (out / "ablation.json").write_text(json.dumps(rows, indent=2, default=str))
         plot_gmap_by_epoch(summaries, out / "gmap_by_epoch.png", title)
         for file in ("ablation_table.txt", "ablation.json", "gmap_by_epoch.png"):
             mlflow.log_artifact(str(out / file))
         mlflow.log_metrics({f"{s.row}/gmap_l2_mean": s.gmap_mean for s in summaries}
                            | {f"{s.row}/gmap_l2_std": s.gmap_std for s in summaries})
     print(text)
-    print(f"MLflow parent run {parent_run_id}: mlflow ui --backend-store-uri {mlflow_uri}")
+    print(f"MLflow parent run {parent_run_id}: mlflow ui --backend-store-uri {plan.mlflow_uri}")
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps({"rows": [s.__dict__ for s in summaries], "missing": missing,
-                                                 "parent_run_id": parent_run_id}, indent=2, default=str))
+        args.summary_json.write_text(json.dumps({"rows": rows, "missing": missing, "parent_run_id": parent_run_id},
+                                                indent=2, default=str))
     if missing:
         log.error("trials without a result: %s; re-run the same command to run them", ", ".join(missing))
         return 1
     return 0
+
+
+def run_ablation(dataset: str, args: argparse.Namespace) -> int:
+    """The ablation per ``args`` (see :func:`add_arguments`); returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        plan = plan_ablation(dataset, args)
+    except (ValueError, tracking.TrackingError) as err:
+        log.error("%s", err)
+        return 2
+    parent_run_id = _parent_run(f"{plan.root}/ablation.json", plan.mlflow_uri, plan.artifacts, args, plan.name,
+                                plan.base, {"data": plan.url, "rows": plan.rows, "seeds": args.seeds, "ablation": True})
+    pending = plan.pending()
+    log.info("ablation %r: %d rows x %d seeds, %d trials done, %d to run", plan.name, len(plan.rows), args.seeds,
+             len(plan.configs) - len(pending), len(pending))
+    if pending:
+        run_trials(plan, args, parent_run_id)
+    return report(plan, dataset, args, parent_run_id)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

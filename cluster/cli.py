@@ -7,6 +7,21 @@ from pathlib import Path
 
 from autossvh.config import Config, build_config
 
+# The reduced preset for generated data on a small machine (both training entries apply it when they train on
+# generated data): the released model and loss settings, a shallower encoder and fewer epochs and clusters,
+# so a run takes minutes on 2 CPU cores.
+REDUCED_PRESET = [
+    "model.encoder_depth=2",
+    "train.batch_size=64",
+    "train.num_epochs=8",
+    "train.eval_every=4",
+    "train.lr=5e-4",
+    "train.test_batch_size=256",
+    "cluster.warmup_epoch=2",
+    "cluster.num_cluster=[16, 32, 48]",
+    "cluster.nredo=2",
+]
+
 
 def add_config_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
     """--data, --storage-option, --recipe, --bits, --epochs, --set, --config."""

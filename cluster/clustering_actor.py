@@ -101,8 +101,6 @@ class KMeansShard:
         np.add.at(sums, assign, self.x.astype(np.float64))
         return sums, np.bincount(assign, minlength=k).astype(np.int64), float(dist.astype(np.float64).sum())
 
-    def backend(self) -> str:
-        return "faiss-gpu" if self.use_gpu else "faiss-cpu"
 
 
 def create_shards(parts: list[np.ndarray], num_gpus: float = 0.0) -> list[Any]:
@@ -283,16 +281,6 @@ class ClusteringActor:
                     self._results.pop(old)
                     self._info.pop(old, None)
             return res
-
-    def cluster(
-        self, epoch: int, parts: list[tuple[Any, Any, Any]], num_videos: int | None = None
-    ) -> ClusteringResult:
-        """One-call variant: cluster the given (indices, features, codes) partitions (cached per epoch)."""
-        with self._compute_lock:
-            if int(epoch) in self._results:
-                return self._results[int(epoch)]
-            resolved = [tuple(ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in p) for p in parts]
-            return self._compute(int(epoch), resolved, num_videos)
 
     def received(self, epoch: int) -> list[int]:
         """Ranks whose partition of ``epoch`` is here (a round in progress; for monitoring)."""

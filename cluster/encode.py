@@ -7,7 +7,7 @@ import logging
 
 from cluster.cli import add_model_arguments
 from cluster.retrieval import encode_to_code_store, load_model_ref
-from cluster.train import LOG_FORMAT, absolute_uri, init_ray
+from cluster.runtime import LOG_FORMAT, absolute_uri, init_ray
 from storage.schema import SPLITS
 from storage.writer import storage_options_from
 

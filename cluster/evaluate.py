@@ -8,9 +8,9 @@ import logging
 from pathlib import Path
 
 from cluster.cli import add_model_arguments
-from cluster.retrieval import evaluate_model, load_model_ref
+from cluster.retrieval import evaluate_on_store, load_model_ref
+from cluster.runtime import LOG_FORMAT, absolute_uri, init_ray
 from cluster.tracking import map_table_dict, write_final_artifacts
-from cluster.train import LOG_FORMAT, absolute_uri, init_ray
 from storage.writer import storage_options_from
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
         model = load_model_ref(args.model, absolute_uri(args.mlflow_uri))
         if args.workers > 0:
             init_ray(args.workers + 1, args.num_cpus)
-        retrieval = evaluate_model(model, args.data, options, args.workers, args.batch_size, args.gpus_per_worker)
+        retrieval = evaluate_on_store(model, args.data, options, args.workers, args.batch_size, args.gpus_per_worker)
     except ValueError as err:
         log.error("%s", err)
         return 2

@@ -1,6 +1,6 @@
 """The ``jobs/promote.py`` job: move a registered model's alias (``candidate`` → ``champion``) behind a gate.
 
-Both versions are evaluated on the same feature store by the same code (:func:`cluster.retrieval.evaluate_model`);
+Both versions are evaluated on the same feature store by the same code (:func:`cluster.retrieval.evaluate_on_store`);
 the alias moves only if the candidate's score (``--metric``, default ``gmap_l2``) is not below the champion's,
 or with ``--force``. Both versions get their scores on that data as tags (``eval.<metric>``, ``eval.data``), and
 the candidate also gets the comparison (``promotion``), so the registry records why an alias moved or not.
@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 
 from autossvh.engine import Retrieval
 from cluster.cli import add_evaluation_arguments
-from cluster.retrieval import evaluate_model, load_model_ref
+from cluster.retrieval import evaluate_on_store, load_model_ref
+from cluster.runtime import LOG_FORMAT, absolute_uri, init_ray
 from cluster.tracking import TrackingError, check_reachable, redact_url
-from cluster.train import LOG_FORMAT, absolute_uri, init_ray
 from storage.writer import storage_options_from
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def promote(name: str, source: str, target: str, data: str, tracking_uri: str, m
 
     def evaluate(version: str) -> Retrieval:
         model = load_model_ref(f"models:/{name}/{version}", tracking_uri)
-        retrieval = evaluate_model(model, data, options, workers, batch_size, gpus_per_worker)
+        retrieval = evaluate_on_store(model, data, options, workers, batch_size, gpus_per_worker)
         _tag_scores(client, name, version, retrieval, data)
         log.info("%s version %s: %s = %.4f", name, version, metric, score(retrieval, metric))
         return retrieval

@@ -24,8 +24,8 @@ from autossvh.config import config_from_dict
 from autossvh.engine import Retrieval, encode, evaluate_codes, load_state
 from autossvh.model import AutoSSVH
 from autossvh.search import pack_codes
+from cluster.checkpoint import CHECKPOINT_FILE, CHECKPOINT_SNAPSHOT, TrainState, latest_checkpoint_file
 from cluster.tracking import MODEL_STATE_FILE
-from cluster.train import CHECKPOINT_FILE, CHECKPOINT_SNAPSHOT, eval_labels, latest_checkpoint_file, selected_weights
 from storage.codes import DEFAULT_CHUNK_ROWS, CodeStore, CodeStoreWriter, create_code_store
 from storage.reader import EvalReader, make_loader
 from storage.schema import queries_are_database
@@ -44,7 +44,9 @@ def _state_weights(state: Any, where: str) -> tuple[dict[str, Any], dict[str, to
     """(config dict, weights) of a saved model or a training checkpoint (its selected model when final)."""
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ModelRefError(f"{where}: not an AutoSSVH model or checkpoint (expected keys 'config' and 'model')")
-    return state["config"], selected_weights(state)
+    if "optimizer" not in state:  # a model file (autossvh.engine.save_model)
+        return state["config"], state["model"]
+    return state["config"], TrainState.from_state(state).selected_weights()
 
 
 def _model_file(path: Path) -> Path:
@@ -144,13 +146,13 @@ def encode_split(model: AutoSSVH, url: str, split: str, options: dict[str, Any] 
     return None if writer else np.concatenate(results)
 
 
-def evaluate_model(model: AutoSSVH, url: str, options: dict[str, Any] | None = None, workers: int = 0,
+def evaluate_on_store(model: AutoSSVH, url: str, options: dict[str, Any] | None = None, workers: int = 0,
                    batch_size: int = 256, gpus_per_worker: float = 0.0) -> Retrieval:
     """mAP@K, GMAP and precision/recall by radius of ``model`` on the store's queries and database, under the
     protocol the store records."""
     store = open_store(url, options)
     check_model_fits(model, store.info, url)
-    labels = eval_labels(store)
+    labels = store.eval_labels()
     query = encode_split(model, url, "query", options, workers, batch_size, gpus_per_worker)
     database = query if queries_are_database(store.info.protocol) else encode_split(
         model, url, "database", options, workers, batch_size, gpus_per_worker)

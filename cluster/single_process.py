@@ -1,8 +1,8 @@
 """Single-process training of a dataset preset, on generated data or on a feature store loaded into memory,
 for one machine without Ray.
 
-The reduced preset keeps the released model and loss settings and shrinks what a 2-core machine cannot
-afford in a few minutes: fewer and smaller input features, a shallower encoder, fewer epochs and clusters.
+On generated data it applies the reduced preset of ``cluster.cli`` (as the Ray entry does), unless
+``--full-preset``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from autossvh.baselines import random_projection_codes
 from autossvh.engine import Retrieval, evaluate_codes, save_model
 from autossvh.metrics import plot_pr_curve
 from autossvh.trainer import RetrievalData, fit
-from cluster.cli import add_config_arguments, config_from_args
+from cluster.cli import REDUCED_PRESET, add_config_arguments, config_from_args
+from cluster.runtime import LOG_FORMAT
 from storage.schema import stored_split
 from storage.store import FeatureStore, open_store
 from storage.synthetic import make_synthetic
@@ -28,17 +29,6 @@ from storage.writer import storage_options_from
 
 log = logging.getLogger(__name__)
 
-REDUCED_PRESET = [
-    "model.encoder_depth=4",
-    "train.batch_size=64",
-    "train.num_epochs=16",
-    "train.eval_every=4",
-    "train.lr=5e-4",
-    "train.test_batch_size=256",
-    "cluster.warmup_epoch=4",
-    "cluster.num_cluster=[16, 32, 48]",
-    "cluster.nredo=2",
-]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +76,7 @@ def synthetic_data(dataset: str, args: argparse.Namespace, feature_size: int, ma
 
 
 def run(dataset: str, args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     overrides = [] if args.full_preset else list(REDUCED_PRESET)
     store = None
     try:

@@ -183,7 +183,7 @@ def epoch_metrics(record: EpochRecord, num_cluster: Sequence[int] | None = None)
     metrics = {
         "loss": s.loss, "loss_rec": s.rec, "loss_vc": s.vc, "loss_p2set": s.p2set, "lr": record.lr,
         "videos_per_s": s.videos_per_s, "skipped_steps": float(s.skipped_steps),
-        "cluster_seconds": record.cluster_seconds,
+        "cluster_seconds": record.cluster_seconds, "train_seconds": s.seconds, "eval_seconds": record.eval_seconds,
     }
     for prefix, values in (("kmeans_objective", record.kmeans_objective),
                            ("distinct_centers", record.distinct_centers)):

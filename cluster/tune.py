@@ -34,25 +34,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from autossvh.config import Config, config_from_dict, set_value
 from cluster import tracking
 from cluster.preflight import check_training_inputs
+from cluster.runtime import LOG_FORMAT, absolute_path, init_ray, mlflow_locations, trial_resources
+from cluster.train import add_arguments as add_train_arguments
 from cluster.train import (
-    LOG_FORMAT,
-    absolute_path,
-    finish,
-    init_ray,
     log_and_register,
+    log_result_files,
     make_trainer,
-    mlflow_locations,
+    read_final_checkpoint,
     resolve_run,
     start_actor,
 )
-from cluster.train import add_arguments as add_train_arguments
 from storage.validation import carve_validation_store
 
 log = logging.getLogger(__name__)
@@ -105,26 +102,50 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
         result = trainer.fit()
     finally:
         ray.kill(actor)
-    mlflow_uri, _ = mlflow_locations(args)
-    finish(result.checkpoint, cfg, mlflow_uri, args.experiment)
+    mlflow_uri, _ = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
+    log_result_files(read_final_checkpoint(result.checkpoint, cfg), cfg, mlflow_uri, args.experiment)
 
 
-def trial_resources(args: argparse.Namespace, cluster: dict[str, float]) -> tuple[float, int]:
-    """GPUs per worker (given, or 1 on a cluster with GPUs) and the trials the cluster runs at once."""
-    gpus = args.gpus_per_worker if args.gpus_per_worker > 0 else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
-    if gpus > 0:
-        fits = math.floor(cluster.get("GPU", 0) / (gpus * args.workers))
-    else:
-        fits = math.floor(cluster.get("CPU", 1) / (args.cpus_per_worker * args.workers + 1))
-    return gpus, max(1, fits)
+def sweep_tuner(cfg: Config, sweep: dict[str, Any], args: argparse.Namespace, concurrent: int) -> Any:
+    """The Tuner of a sweep: Optuna's TPE (seeded) proposes, ASHA stops weak trials on the validation mAP@5."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    epochs = cfg.train.num_epochs
+    return tune.Tuner(
+        tune.with_parameters(_trial, sweep=sweep),
+        param_space=search_space(cfg.recipe),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", num_samples=args.trials, max_concurrent_trials=concurrent,
+            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=args.seed)),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
+                                    reduction_factor=2),
+        ),
+        run_config=tune.RunConfig(storage_path=args.storage, name=sweep["name"]),
+    )
+
+
+def register_best(best: Any, best_cfg: Config, best_params: dict[str, Any], args: argparse.Namespace,
+                  default_name: str, parent_run_id: str) -> tuple[Any, str]:
+    """Log the best trial's selected model to its child run, register it (alias candidate) and record the best
+    scores and parameters on the parent run; returns the finished run and the model URI."""
+    import mlflow
+    from ray.train import Checkpoint
+
+    done = read_final_checkpoint(Checkpoint(best.metrics["checkpoint_path"]), best_cfg)
+    model_uri = log_and_register(done, args.mlflow_uri, args.experiment, args.register or default_name)
+    with tracking.start_run(args.mlflow_uri, args.experiment, run_id=parent_run_id):
+        mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items() if k.startswith("map_at_")})
+        mlflow.set_tags({"best_trial_run_id": done.mlflow_run_id, "best_model_uri": model_uri})
+        mlflow.log_dict(best_params, "best_params.json")
+    return done, model_uri
 
 
 def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     """The sweep per ``args`` (see :func:`add_arguments`); returns the exit code."""
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     name = args.name or f"{dataset}-sweep"
@@ -135,13 +156,11 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
         val_url = f"{storage.rstrip('/')}/validation/{dataset}-{name}-f{args.val_fraction}-s{args.seed}"
         store = carve_validation_store(url, val_url, args.val_fraction, args.seed, options)
         check_training_inputs(cfg, store, args.workers)
-        mlflow_uri, artifacts = mlflow_locations(args)
+        mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
         tracking.check_reachable(mlflow_uri)
     except (ValueError, tracking.TrackingError) as err:
         log.error("%s", err)
         return 2
-    import optuna
-
     init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus)
     args.gpus_per_worker, fits = trial_resources(args, ray.cluster_resources())
     concurrent = args.max_concurrent or min(fits, args.trials)
@@ -156,36 +175,15 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
              "parent_run_id": parent_run_id}
     log.info("sweep %r: %d trials, %d at a time, %d worker(s) x %.3g GPU each, validation store %s", name,
              args.trials, concurrent, args.workers, args.gpus_per_worker, val_url)
-    tuner = tune.Tuner(
-        tune.with_parameters(_trial, sweep=sweep),
-        param_space=search_space(cfg.recipe),
-        tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", num_samples=args.trials, max_concurrent_trials=concurrent,
-            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=args.seed)),
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.train.num_epochs,
-                                    grace_period=min(args.grace_period, cfg.train.num_epochs), reduction_factor=2),
-        ),
-        run_config=tune.RunConfig(storage_path=storage, name=name),
-    )
-    grid = tuner.fit()
+    grid = sweep_tuner(cfg, sweep, args, concurrent).fit()
     finished = [r for r in grid if r.error is None and r.metrics and r.metrics.get("selected_epoch") is not None]
     if not finished:
         log.error("no trial finished (%d errored); see the trial logs under %s/%s", grid.num_errors, storage, name)
         return 1
     best = max(finished, key=lambda r: r.metrics[METRIC])
     best_params = {k: best.config[k] for k in search_space(cfg.recipe)}
-    best_cfg = trial_config(cfg.to_dict(), best_params)
-    from ray.train import Checkpoint
-
-    done = finish(Checkpoint(best.metrics["checkpoint_path"]), best_cfg, mlflow_uri, args.experiment)
-    register = args.register or f"autossvh-{dataset}-sweep"
-    model_uri = log_and_register(done, mlflow_uri, args.experiment, register)
-    with tracking.start_run(mlflow_uri, args.experiment, run_id=parent_run_id):
-        import mlflow
-
-        mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items() if k.startswith("map_at_")})
-        mlflow.set_tags({"best_trial_run_id": done.mlflow_run_id, "best_model_uri": model_uri})
-        mlflow.log_dict(best_params, "best_params.json")
+    done, model_uri = register_best(best, trial_config(cfg.to_dict(), best_params), best_params, args,
+                                    f"autossvh-{dataset}-sweep", parent_run_id)
     print(done.retrieval.table(f"sweep {name}: best of {len(finished)} finished trials (validation queries)"))
     print(f"best params: {json.dumps(best_params)}")
     print(f"model: {model_uri}\nMLflow parent run {parent_run_id}: mlflow ui --backend-store-uri {mlflow_uri}")

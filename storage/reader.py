@@ -369,10 +369,3 @@ def make_loader(reader: TrainReader | EvalReader, num_workers: int = 0, prefetch
                    "prefetch_factor": prefetch_factor, "worker_init_fn": _init_worker}
     return DataLoader(reader, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       **options)
-
-
-def iter_eval_batches(url: str, split: str, batch_size: int = 256, rank: int = 0, world_size: int = 1,
-                      storage_options: dict[str, Any] | None = None, num_workers: int = 0) -> Iterator[Batch]:
-    """Rank ``rank``'s evaluation batches of ``split`` in order (see :class:`EvalReader`)."""
-    reader = EvalReader(url, split, batch_size, rank, world_size, storage_options)
-    yield from make_loader(reader, num_workers)

@@ -218,6 +218,10 @@ class FeatureStore:
                           f"({type(err).__name__}: {err}); {where} damaged or truncated: restore it or re-run the "
                           "ingest with --overwrite")
 
+    def eval_labels(self) -> dict[str, np.ndarray]:
+        """The query and database labels evaluation compares (as the store's protocol maps them)."""
+        return {name: np.asarray(self.split(name).labels[:]) for name in ("query", "database")}
+
     def frame_signal(self, name: str, stop: int) -> np.ndarray | None:
         """The true per-frame class signal (stop, T) float32 of the first ``stop`` videos of split ``name``;
         None for a store without one (only generated stores have it)."""

@@ -3,23 +3,57 @@ the workers' PYTHONPATH is the repository root and pytest's own module names are
 
 from __future__ import annotations
 
+import asyncio
 import os
-import time
 from pathlib import Path
 
+import ray
+
+from autossvh.config import ClusterConfig
 from cluster.clustering_actor import ClusteringActor
 
-SLOW_SUBMIT_S = 3.0
+
+class RoundGate:
+    """A Ray actor that holds the first clustering round open until the test releases it: rank 1's submission
+    waits at the gate, and the test learns (without polling) when rank 0 is in and rank 1 is held."""
+
+    def __init__(self) -> None:
+        self.rank0_in = asyncio.Event()
+        self.rank1_held = asyncio.Event()
+        self.released = asyncio.Event()
+
+    def arrived(self, rank: int) -> None:
+        (self.rank0_in if rank == 0 else self.rank1_held).set()
+
+    async def hold(self) -> None:
+        await self.released.wait()
+
+    async def wait_round_open(self) -> None:
+        await self.rank0_in.wait()
+        await self.rank1_held.wait()
+
+    def release(self) -> None:
+        self.released.set()
 
 
-class SlowClusteringActor(ClusteringActor):
-    """The clustering actor with rank 1's submission held back, so that a round stays open long enough for a test
-    to kill the actor in the middle of it (rank 0 submitted and waiting, rank 1 not yet)."""
+class HeldClusteringActor(ClusteringActor):
+    """The clustering actor with rank 1's submission held at a :class:`RoundGate` (a named actor) until the test
+    releases it, so that the test can kill the actor in the middle of a round: rank 0 submitted and waiting, rank 1
+    not yet. Once released, the gate lets every later submission through (the restarted actor's too)."""
+
+    def __init__(self, cfg: ClusterConfig, gate: str) -> None:
+        super().__init__(cfg)
+        self.gate = gate
 
     def submit(self, epoch: int, rank: int, indices, features, codes) -> int:
+        gate = ray.get_actor(self.gate)
         if rank == 1:
-            time.sleep(SLOW_SUBMIT_S)
-        return super().submit(epoch, rank, indices, features, codes)
+            ray.get(gate.arrived.remote(1))
+            ray.get(gate.hold.remote())
+        received = super().submit(epoch, rank, indices, features, codes)
+        if rank == 0:
+            ray.get(gate.arrived.remote(0))
+        return received
 
 
 def process_cmdlines() -> list[tuple[int, str]]:

@@ -1,7 +1,10 @@
 """Shared tiny configurations and data for the tests, and the one Ray instance of the test session."""
 
+import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,6 +42,11 @@ def random_clustering(n: int, nbits: int, sizes: list[int], seed: int = 0) -> Cl
     return result
 
 
+def bound_arguments(func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call to ``func`` by parameter name (spies check names, not positions)."""
+    return inspect.signature(func).bind(*args, **kwargs).arguments
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
@@ -52,7 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def ray_session() -> str:
     """One local Ray instance for the whole session (4 logical CPUs: 2 Train workers, a trial or job driver and
     driver-side tasks), on 127.0.0.1 without the dashboard; yields its GCS address for subprocess jobs."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=4, include_dashboard=False,

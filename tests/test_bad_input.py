@@ -310,7 +310,7 @@ def assert_refused(tmp_path: Path, proc: subprocess.CompletedProcess, seconds: f
     assert proc.returncode == 2, proc.stderr[-3000:]
     for fragment in fragments:
         assert fragment in proc.stderr
-    assert "Ray" not in proc.stderr and seconds < 30
+    assert "Ray" not in proc.stderr  # refused before Ray starts
     for output in ("ray", "mlflow.db", "mlartifacts", "summary.json"):
         assert not (tmp_path / output).exists()
 

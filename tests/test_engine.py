@@ -20,7 +20,7 @@ from autossvh.engine import (
     train_one_epoch,
 )
 from autossvh.model import AutoSSVH
-from autossvh.trainer import RetrievalData, evaluate_model, fit, shuffled_batches
+from autossvh.trainer import RetrievalData, evaluate_arrays, fit, shuffled_batches
 from storage.synthetic import make_synthetic
 from tests.conftest import tiny_config
 
@@ -177,13 +177,13 @@ def test_fit_rejects_mismatched_features():
         fit(cfg, RetrievalData(feats, feats, labels, feats, labels))
 
 
-def test_evaluate_model_encodes_a_shared_split_once():
+def test_evaluate_arrays_encodes_a_shared_split_once():
     cfg = tiny_config()
     model = AutoSSVH(cfg)
     feats = np.random.default_rng(1).normal(size=(120, 8, 16)).astype(np.float32)
     labels = np.eye(3, dtype=np.uint8)[np.arange(120) % 3]
-    shared = evaluate_model(model, RetrievalData(feats, feats, labels, feats, labels), torch.device("cpu"))
-    copied = evaluate_model(model, RetrievalData(feats, feats, labels, feats.copy(), labels), torch.device("cpu"))
+    shared = evaluate_arrays(model, RetrievalData(feats, feats, labels, feats, labels), torch.device("cpu"))
+    copied = evaluate_arrays(model, RetrievalData(feats, feats, labels, feats.copy(), labels), torch.device("cpu"))
     assert shared.map_at_k == copied.map_at_k and shared.map_at_k[5] > 0
 
 

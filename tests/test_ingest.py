@@ -21,6 +21,7 @@ from storage.ingest import ArraySpec, add_arguments, load_labels, main
 from storage.schema import DATASET_PROTOCOLS, SPLITS, stored_split
 from storage.store import IncompleteStoreError, StoreError, create_store, open_store
 from storage.writer import storage_options_from
+from tests.conftest import bound_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURE_DIM = 16
@@ -221,7 +222,8 @@ def test_resume_after_sigkill_finishes_without_rewriting_finished_blocks(tmp_pat
 
     writes = []
     real = writer._write_block
-    monkeypatch.setattr(writer, "_write_block", lambda *a, **k: (writes.append(a[3].name), real(*a, **k)))
+    monkeypatch.setattr(writer, "_write_block",
+                        lambda *a, **k: (writes.append(bound_arguments(real, a, k)["split"].name), real(*a, **k)))
     assert run_main(*args) == 0
     assert len(writes) == total - recorded
     assert_store_equals(url, data, "float16", "separate")

@@ -1,4 +1,4 @@
-"""The main job end to end, as a user runs it (tiny settings)."""
+"""The single-process job (jobs/train_local.py) end to end, as a user runs it (tiny settings)."""
 
 import json
 import subprocess
@@ -13,7 +13,7 @@ def run_job(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, cwd=ROOT)
 
 
-def test_train_fcvid_job_trains_and_prints_the_map_table(tmp_path):
+def test_train_local_job_trains_and_prints_the_map_table(tmp_path):
     proc = run_job("--videos", "240", "--feature-dim", "32", "--epochs", "3", "--bits", "16", "--out", str(tmp_path),
                    "--set", "model.encoder_depth=1", "--set", "cluster.warmup_epoch=1",
                    "--set", "cluster.num_cluster=[8, 12]")
@@ -25,7 +25,7 @@ def test_train_fcvid_job_trains_and_prints_the_map_table(tmp_path):
     assert (tmp_path / "model.pt").stat().st_size > 0 and (tmp_path / "pr_curve.png").stat().st_size > 0
 
 
-def test_train_fcvid_job_rejects_bad_config(tmp_path):
+def test_train_local_job_rejects_bad_config(tmp_path):
     proc = run_job("--bits", "12", "--out", str(tmp_path))
     assert proc.returncode == 2
     assert "model.nbits" in proc.stderr and "multiple of 8" in proc.stderr

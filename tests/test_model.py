@@ -10,6 +10,7 @@ from autossvh.model import (
     AutoSSVH,
     binarize,
     gumbel_topk,
+    leaves_parameters_unused,
     random_complementary_masks,
     relaxed_topk,
     sign_ste,
@@ -241,3 +242,18 @@ def test_training_forward_targets_are_the_hidden_frames_in_order():
     for row in range(8):
         frames = out.hidden[row].nonzero().squeeze(1)
         assert torch.equal(out.target[row], x[video[row], frames])  # raw, un-dropped targets
+
+
+@pytest.mark.parametrize("overrides", [
+    (), ("recipe=released",), ("loss.reconstruction=false",), ("loss.view_contrastive=false",),
+    ("loss.p2set=false",), ("model.hash_layer=paper",), ("sampler.reconstruction_weight=false",),
+    ("loss.reconstruction=false", "loss.p2set=false"), ("sampler.grl=false",), ("sampler.kind=random",),
+])
+def test_only_configs_that_leave_parameters_out_of_the_backward_search_for_them(overrides):
+    cfg = tiny_config(*overrides)
+    model = AutoSSVH(cfg)
+    targets = ClusterTargets.from_result(random_clustering(8, 16, [3, 5]), "cpu")
+    loss, _ = autossvh_loss(model(torch.randn(8, 8, 16)), torch.arange(8), cfg, targets)
+    loss.backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert bool(unused) == leaves_parameters_unused(cfg), unused

@@ -19,7 +19,7 @@ from autossvh.engine import array_batches, encode, evaluate_codes, save_model
 from autossvh.model import AutoSSVH
 from autossvh.trainer import fit
 from cluster import tracking
-from cluster.retrieval import ModelRefError, evaluate_model, load_model_ref
+from cluster.retrieval import ModelRefError, evaluate_on_store, load_model_ref
 from storage.codes import open_code_store
 from storage.store import open_store
 from storage.synthetic_store import write_synthetic
@@ -97,7 +97,7 @@ def test_evaluate_job_matches_in_process_protocol_and_writes_pr_curve(setup, tmp
 
 def test_evaluate_with_ray_workers_equals_one_process(ray_session, setup):
     """Two Ray tasks each encode a block; the gathered codes give exactly the in-process mAP."""
-    retrieval = evaluate_model(setup["trained"], setup["url"], workers=2, batch_size=32)
+    retrieval = evaluate_on_store(setup["trained"], setup["url"], workers=2, batch_size=32)
     assert retrieval.map_at_k == pytest.approx(_reference(setup["trained"], setup["url"]), abs=1e-12)
     assert retrieval.pr_by_radius is not None
 
@@ -106,7 +106,7 @@ def test_evaluate_refuses_a_model_of_other_dimensions(setup, tmp_path):
     other = AutoSSVH(tiny_config("data.feature_size=24"))
     save_model(tmp_path / "other.pt", other)
     with pytest.raises(ModelRefError, match=r"F=24 features, but the store .* holds T=8 x F=16"):
-        evaluate_model(load_model_ref(str(tmp_path / "other.pt")), setup["url"])
+        evaluate_on_store(load_model_ref(str(tmp_path / "other.pt")), setup["url"])
 
 
 def test_encode_job_writes_a_complete_code_store_that_search_reads(setup, tmp_path):

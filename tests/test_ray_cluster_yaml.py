@@ -162,10 +162,12 @@ def test_ray_up_bootstrap_runs_against_mocked_aws(fake_aws):
     assert (fake_aws / ".ssh").is_dir()
     groups = {g for t in cfg["available_node_types"].values() for g in t["node_config"]["SecurityGroupIds"]}
     ec2 = boto3.client("ec2", region_name=cfg["provider"]["region"])
-    for group in ec2.describe_security_groups(GroupIds=sorted(groups))["SecurityGroups"]:
-        for rule in group["IpPermissions"]:
-            if rule.get("IpRanges"):
-                assert (rule["FromPort"], rule["ToPort"]) == (22, 22), rule
+    described = ec2.describe_security_groups(GroupIds=sorted(groups))["SecurityGroups"]
+    assert described
+    outside = [rule for group in described for rule in group["IpPermissions"] if rule.get("IpRanges")]
+    assert outside, "no ingress rule from outside the cluster: the check below would pass on nothing"
+    for rule in outside:
+        assert (rule["FromPort"], rule["ToPort"]) == (22, 22), rule
 
 
 # ----- the project's shape --------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from cluster.retrieval import evaluate_model, load_model_ref
+from cluster.retrieval import evaluate_on_store, load_model_ref
 from tests.conftest import ROOT, TINY
 
 EPOCHS = 3
@@ -61,8 +62,10 @@ def test_two_worker_run_logs_checkpoints_and_registers(ray_session, tiny_store_u
     map5 = {m.step: m.value for m in client.get_metric_history(run_id, "map_at_5")}
     assert summary["selected_epoch"] == max(map5, key=lambda step: (map5[step], -step))  # first best on a tie
     assert summary["map_at_k"]["5"] == pytest.approx(map5[summary["selected_epoch"]], abs=1e-12)
+    state = torch.load(Path(summary["checkpoint"]) / "checkpoint.pt", weights_only=True)
+    assert state["best_model"] is not None and state["best_epoch"] == summary["selected_epoch"]
     selected = load_model_ref(summary["checkpoint"])  # the checkpoint's selected model, as jobs/evaluate.py loads it
-    assert evaluate_model(selected, tiny_store_url).map_at_k[5] == pytest.approx(summary["map_at_k"]["5"], abs=1e-12)
+    assert evaluate_on_store(selected, tiny_store_url).map_at_k[5] == pytest.approx(summary["map_at_k"]["5"], abs=1e-12)
     assert epoch_steps(client, run_id, "kmeans_objective_k5") == [1, 2]  # clustering from epoch 1
     params = client.get_run(run_id).data.params
     assert params["world_size"] == "2" and params["model.nbits"] == "16"
@@ -99,15 +102,20 @@ def test_job_killed_during_a_checkpoint_upload_resumes_cleanly(ray_session, tiny
     while time.monotonic() < deadline and not registered_checkpoints(run_dir):
         assert proc.poll() is None, "the job ended before registering a checkpoint"
         time.sleep(0.02)
-    while time.monotonic() < deadline and proc.poll() is None:
-        folders = {p.name for p in run_dir.glob("checkpoint_*")}
-        if folders - registered_checkpoints(run_dir):
-            break
-        time.sleep(0.005)
+    caught = False
+    while time.monotonic() < deadline and proc.poll() is None and not caught:
+        caught = bool({p.name for p in run_dir.glob("checkpoint_*")} - registered_checkpoints(run_dir))
+        if not caught:
+            time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert caught, "the kill missed: no unregistered checkpoint folder was seen while the job ran"
     registered = registered_checkpoints(run_dir)
     assert registered, "no checkpoint within 120 s"
+    assert not (tmp_path / "summary.json").exists()  # the kill hit the run before it finished
+    latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    state = torch.load(run_dir / latest["checkpoint_dir_name"] / "checkpoint.pt", weights_only=True)
+    assert state["final"] is None  # the resume below has training (or the final evaluation) left to do
     partial = run_dir / "checkpoint_9999-12-31_23-59-59.999999"  # newer than any real one: an interrupted copy
     partial.mkdir()
     (partial / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")

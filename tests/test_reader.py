@@ -20,7 +20,6 @@ from storage.reader import (
     TrainReader,
     _shuffled_batches,
     eval_range,
-    iter_eval_batches,
     make_loader,
     partition,
     videos_per_rank,
@@ -216,7 +215,7 @@ def test_reader_on_memory_filesystem() -> None:
         reader.set_epoch(4)
         per_rank.append(read_epoch(reader)[1])
     check_cover(per_rank, TRAIN)
-    index = np.concatenate([i.numpy() for _, i in iter_eval_batches(url, "train", batch_size=7)])
+    index = np.concatenate([i.numpy() for _, i in make_loader(EvalReader(url, "train", batch_size=7))])
     np.testing.assert_array_equal(index, np.arange(TRAIN))
 
 
@@ -234,7 +233,7 @@ def test_reader_on_s3(s3_options: dict[str, Any]) -> None:
         reader.set_epoch(1)
         per_rank.append(read_epoch(reader)[1])
     check_cover(per_rank, TRAIN)
-    batches = list(iter_eval_batches(url, "database", batch_size=3, storage_options=s3_options, num_workers=2))
+    batches = list(make_loader(EvalReader(url, "database", batch_size=3, storage_options=s3_options), num_workers=2))
     np.testing.assert_array_equal(np.concatenate([i.numpy() for _, i in batches]), np.arange(DATABASE))
     for feats, index in batches:
         np.testing.assert_array_equal(feats.numpy(), expected_feats(index.numpy()))

@@ -19,7 +19,7 @@ import torch
 import zarr
 from mlflow.tracking import MlflowClient
 
-from tests.chaos import SlowClusteringActor, process_cmdlines
+from tests.chaos import HeldClusteringActor, RoundGate, process_cmdlines
 from tests.conftest import ROOT, TINY
 from tests.test_ray_train import epoch_steps, parse, registered_checkpoints
 
@@ -75,24 +75,21 @@ def test_the_clustering_actor_killed_during_a_round_is_restarted_and_the_round_r
 
     from cluster import train
 
-    def slow_actor(cfg, args, name):
-        return ray.remote(SlowClusteringActor).options(
-            name=f"clustering-{name}", num_cpus=0, max_concurrency=64, max_restarts=3).remote(cfg.cluster)
+    gate = ray.remote(RoundGate).options(name="round-gate", num_cpus=0, max_concurrency=8).remote()
 
-    monkeypatch.setattr(train, "start_actor", slow_actor)
+    def held_actor(cfg, args, name):
+        return ray.remote(HeldClusteringActor).options(
+            name=f"clustering-{name}", num_cpus=0, max_concurrency=64, max_restarts=3).remote(cfg.cluster,
+                                                                                              "round-gate")
+
+    monkeypatch.setattr(train, "start_actor", held_actor)
     killed: list[int] = []
 
     def kill_during_round() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
-            try:
-                actor = ray.get_actor("clustering-actor-kill")
-                if ray.get(actor.received.remote(1)) == [0]:  # epoch 2's round: rank 0 in, rank 1 pending
-                    ray.kill(actor, no_restart=False)
-                    killed.append(1)
-            except ValueError:  # not created yet
-                pass
-            time.sleep(0.05)
+        ray.get(gate.wait_round_open.remote(), timeout=180)  # epoch 2's round: rank 0 in, rank 1 held
+        ray.kill(ray.get_actor("clustering-actor-kill"), no_restart=False)
+        killed.append(1)
+        ray.get(gate.release.remote())
 
     killer = threading.Thread(target=kill_during_round, daemon=True)
     killer.start()
@@ -126,6 +123,7 @@ def test_consecutive_non_finite_losses_stop_the_run_with_its_last_good_checkpoin
     latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
     state = torch.load(run_dir / latest["checkpoint_dir_name"] / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["best_model"] is None  # --selection last: no second copy of the weights
 
 
 class _Payload:
@@ -168,7 +166,7 @@ def test_a_checkpoint_of_another_model_or_carrying_pickled_code_is_refused(ray_s
 
 
 def test_the_local_ray_of_a_job_binds_to_localhost_without_a_dashboard():
-    code = ("import ray; from cluster.train import init_ray; init_ray(1, 1); "
+    code = ("import ray; from cluster.runtime import init_ray; init_ray(1, 1); "
             "ctx = ray.get_runtime_context(); info = ray._private.worker.global_worker.node.address_info; "
             "import json; print(json.dumps([info['node_ip_address'], info['webui_url'], ctx.gcs_address])); "
             "ray.shutdown()")

@@ -13,6 +13,7 @@ from storage.schema import SPLITS
 from storage.store import IncompleteStoreError, open_store
 from storage.synthetic import make_synthetic
 from storage.synthetic_store import write_synthetic
+from tests.conftest import bound_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 KW = {"feature_dim": 16, "num_classes": 6, "multilabel_fraction": 0.3, "seed": 5}
@@ -52,9 +53,9 @@ def test_interrupted_write_resumes_without_rewriting(tmp_path, monkeypatch):
     url = str(tmp_path / "s")
     real_record = writer._record_block
 
-    def failing(group, state, split, index):
-        real_record(group, state, split, index)
-        if sum(len(v) for v in state["done"].values()) == 5:
+    def failing(*args, **kwargs):
+        real_record(*args, **kwargs)
+        if sum(len(v) for v in bound_arguments(real_record, args, kwargs)["state"]["done"].values()) == 5:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(writer, "_record_block", failing)
@@ -65,7 +66,12 @@ def test_interrupted_write_resumes_without_rewriting(tmp_path, monkeypatch):
     monkeypatch.setattr(writer, "_record_block", real_record)
     writes = []
     real_write = writer._write_block
-    monkeypatch.setattr(writer, "_write_block", lambda *a, **k: (writes.append(a[4]), real_write(*a, **k)))
+
+    def spy(*args, **kwargs):
+        writes.append(bound_arguments(real_write, args, kwargs)["start"])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "_write_block", spy)
     store = write_synthetic(url, "ucf101", 200, **KW, chunk_videos=8, shard_videos=32)
     assert len(writes) == (7 + 3) - 5  # train 200 and query 79 videos in blocks of 32
     assert_equals_make_synthetic(store, "ucf101", 200, "float16")

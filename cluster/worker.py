@@ -1,0 +1,323 @@
+"""One Ray Train worker of a training run: ``setup``, ``train``, ``final_evaluation``, ``cleanup``.
+
+Every rank builds the model and resumes from Ray Train's latest checkpoint when there is one, then runs the shared
+epoch skeleton (``autossvh.trainer.run_epoch``) with this class as its steps:
+
+* clustering round: each rank encodes its block of the train split and submits the codes to the run's
+  clustering actor, which clusters them once all ranks are in and returns the same result to every rank;
+* training: one epoch of DDP over the global batch (``gather_with_grad``; each rank takes
+  ``train.batch_size / world_size`` videos per step) and a scheduler step;
+* evaluation: every rank encodes its block of query (and database) and rank 0 computes mAP@K and GMAP.
+
+After each epoch rank 0 reports a checkpoint (:class:`cluster.checkpoint.TrainState`) and then logs the epoch
+to MLflow, so a crash in between leaves a gap that the resumed run back-fills. After the last epoch every rank
+encodes the selected model (``--selection``) and rank 0 reports a final checkpoint with its evaluation,
+precision/recall by radius included, which the driver reads. A step whose loss is not finite on any rank is
+skipped by all ranks; ``train.max_nonfinite_steps`` in a row stop the run with an error, keeping the last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autossvh.clustering import ClusteringResult
+from autossvh.config import config_from_dict
+from autossvh.diagnostics import PROBE_VIDEOS, SamplerDiagnostics, sampler_diagnostics
+from autossvh.engine import (
+    Encoded,
+    EpochStats,
+    NonFiniteGuard,
+    Retrieval,
+    build_optimizer,
+    build_scheduler,
+    encode,
+    evaluate_codes,
+    train_one_epoch,
+)
+from autossvh.losses import ClusterTargets
+from autossvh.model import AutoSSVH, leaves_parameters_unused
+from autossvh.trainer import EpochRecord, epoch_line, run_epoch
+from cluster.checkpoint import CHECKPOINT_FILE, FinalEvaluation, TrainState, report_checkpoint
+from cluster.distributed import (
+    all_ranks_agree,
+    broadcast_from_rank0,
+    gather_objects,
+    gather_rows_to_rank0,
+    gather_with_grad,
+)
+from cluster.preflight import per_rank_batch_size
+from cluster.runtime import LOG_FORMAT
+from storage.reader import EvalReader, TrainReader, make_loader
+from storage.schema import queries_are_database
+from storage.store import open_store
+
+log = logging.getLogger(__name__)
+
+CLUSTER_ATTEMPTS = 3  # clustering rounds tried per epoch when the actor dies
+SELECTIONS = ("last", "best-map5")
+
+
+@dataclass
+class WorkerConfig:
+    """What the driver hands every Train worker (``train_loop_config``)."""
+
+    config: dict[str, Any]  # Config.to_dict()
+    data: str  # feature store URL
+    storage_options: dict[str, Any]
+    actor: Any  # the run's ClusteringActor handle
+    loader_workers: int
+    mlflow_uri: str
+    mlflow_artifacts: str
+    experiment: str
+    name: str  # run name (Ray Train and MLflow)
+    selection: str  # one of SELECTIONS
+    mlflow_parent: str | None = None  # parent MLflow run (a sweep or an ablation)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train entry of every rank."""
+    worker = TrainWorker(WorkerConfig(**config))
+    worker.setup()
+    worker.train()
+    worker.final_evaluation()
+    worker.cleanup()
+
+
+def rng_state() -> dict[str, torch.Tensor | None]:
+    """This process's torch RNG states (the sampler's Gumbel noise draws from them)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def cluster_on_actor(actor: Any, epoch: int, rank: int, world: int, num_train: int, indices: np.ndarray,
+                     encoded: Encoded) -> ClusteringResult:
+    """Submit this rank's codes and read the epoch's clustering. If the actor died on any rank's call (it is
+    restarted empty), every rank agrees on that through a collective and all redo the round."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    for attempt in range(1, CLUSTER_ATTEMPTS + 1):
+        result = None
+        try:
+            ray.get(actor.submit.remote(epoch, rank, indices, encoded.features, encoded.codes))
+            result = ray.get(actor.result.remote(epoch, world, num_train))
+        except (RayActorError, ActorUnavailableError) as err:
+            log.warning("rank %d: clustering round of epoch %d failed (attempt %d of %d): %s", rank, epoch + 1,
+                        attempt, CLUSTER_ATTEMPTS, str(err).splitlines()[0])
+        if all_ranks_agree(result is not None):
+            return result
+    raise RuntimeError(f"the clustering actor failed {CLUSTER_ATTEMPTS} rounds of epoch {epoch + 1} in a row")
+
+
+class TrainWorker:
+    """One rank's run; also the :class:`autossvh.trainer.EpochSteps` of the epoch skeleton."""
+
+    def __init__(self, wc: WorkerConfig) -> None:
+        import ray.train
+        import ray.train.torch
+
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)  # Ray configures the worker's root
+        self.wc = wc
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.cfg = config_from_dict(wc.config)
+        self.device = ray.train.torch.get_device()
+        self.state: TrainState | None = None  # the last checkpoint's state (rank 0), resumed or reported
+        self.logged_epochs: set[int] = set()
+
+    # ----- setup and teardown ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Model, optimiser and schedule (resumed from Ray Train's checkpoint if any), DDP, readers, MLflow."""
+        import ray.train
+        import ray.train.torch
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed + self.rank)
+        np.random.seed(cfg.train.seed + self.rank)
+        self.model = AutoSSVH(cfg).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        self.start_epoch, self.last_result = 0, None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                self._resume(TrainState.load(Path(folder) / CHECKPOINT_FILE, checkpoint.path, self.device))
+        self.ddp = ray.train.torch.prepare_model(
+            self.model, parallel_strategy_kwargs={"find_unused_parameters": leaves_parameters_unused(cfg)})
+        store = open_store(self.wc.data, self.wc.storage_options)
+        self.protocol, self.num_train = store.info.protocol, store.num_videos("train")
+        self.reader = TrainReader(self.wc.data, "train", per_rank_batch_size(cfg.train.batch_size, self.world),
+                                  self.rank, self.world, cfg.train.seed, self.wc.storage_options, drop_last=True)
+        if self.rank == 0:
+            self.labels = store.eval_labels()
+            n = min(PROBE_VIDEOS, self.num_train)
+            self.probe = (torch.from_numpy(np.asarray(store.split("train").feats[:n], dtype=np.float32)),
+                          store.frame_signal("train", n))
+            self._start_mlflow()
+
+    def _resume(self, state: TrainState) -> None:
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.start_epoch, self.last_result, self.state = state.epoch + 1, state.clustering, state
+        if len(state.rng) == self.world:  # same world size: every rank continues its own random stream
+            set_rng_state(state.rng[self.rank])
+        if self.rank == 0:
+            log.info("resumed from the checkpoint of epoch %d (MLflow run %s)", state.epoch + 1, state.mlflow_run_id)
+
+    def _start_mlflow(self) -> None:
+        """Rank 0's MLflow run: a new one, or the checkpoint's, back-filled with the epochs it lacks."""
+        from mlflow.tracking import MlflowClient
+
+        from cluster import tracking
+
+        wc, resumed = self.wc, self.state
+        active = tracking.start_run(wc.mlflow_uri, wc.experiment, run_name=wc.name,
+                                    run_id=None if resumed is None else resumed.mlflow_run_id,
+                                    artifact_location=wc.mlflow_artifacts, parent_run_id=wc.mlflow_parent)
+        self.run_id = active.info.run_id
+        if resumed is None:
+            tracking.log_config(self.cfg, {"data": wc.data, "storage_options": wc.storage_options,
+                                           "world_size": self.world, "selection": wc.selection})
+            return
+        # An epoch logged whose checkpoint Ray never registered (the job died in between) stays as logged.
+        self.logged_epochs = {m.step for m in MlflowClient().get_metric_history(self.run_id, "loss")}
+        for record in resumed.history:
+            if record.epoch not in self.logged_epochs:
+                tracking.log_epoch(record, num_cluster=self.cfg.cluster.num_cluster)
+                self.logged_epochs.add(record.epoch)
+
+    def cleanup(self) -> None:
+        if self.rank == 0:
+            import mlflow
+
+            mlflow.end_run()
+
+    # ----- the epoch loop -------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Epochs ``start_epoch`` .. ``train.num_epochs - 1`` of the shared skeleton, each reported and logged."""
+        epochs, start = self.cfg.train.num_epochs, time.perf_counter()
+        for epoch in range(self.start_epoch, epochs):
+            record = run_epoch(self, self.cfg, epoch, self.device)
+            self._report(record)
+            if self.rank == 0:
+                eta = (time.perf_counter() - start) / (epoch + 1 - self.start_epoch) * (epochs - epoch - 1)
+                log.info(epoch_line(record, epochs, eta))
+
+    def _report(self, record: EpochRecord) -> None:
+        """Rank 0: the epoch's checkpoint to Ray Train, then its metrics to MLflow; other ranks: the metrics."""
+        import ray.train
+
+        from cluster import tracking
+
+        stats = record.stats
+        metrics = {"epoch": record.epoch, "loss": stats.loss, "train_seconds": stats.seconds,
+                   "cluster_seconds": record.cluster_seconds, "eval_seconds": record.eval_seconds}
+        rng = gather_objects(rng_state())
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        previous = self.state
+        history = [*(previous.history if previous else []), record]
+        best = (previous.best_epoch, previous.best_map5, previous.best_model) if previous else (-1, -1.0, None)
+        if record.retrieval is not None and record.retrieval.map_at_k[5] > best[1]:
+            kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()} \
+                if self.wc.selection == "best-map5" else None
+            best = (record.epoch, record.retrieval.map_at_k[5], kept)
+        if record.retrieval is not None:
+            metrics |= {f"map_at_{k}": v for k, v in record.retrieval.map_at_k.items()}
+            metrics["gmap_l2"] = record.retrieval.gmap_l2
+        self.state = TrainState(
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), epoch=record.epoch, config=self.cfg.to_dict(),
+            mlflow_run_id=self.run_id, rng=rng, clustering=self.last_result, history=history,
+            best_epoch=best[0], best_map5=best[1], best_model=best[2])
+        report_checkpoint(metrics, self.state)
+        if record.epoch in self.logged_epochs:
+            log.warning("epoch %d was logged to MLflow by an attempt whose checkpoint was lost; keeping those "
+                        "metrics", record.epoch + 1)
+        else:
+            tracking.log_epoch(record, num_cluster=self.cfg.cluster.num_cluster)
+
+    # ----- EpochSteps -----------------------------------------------------------------------------------------
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def cluster(self, epoch: int) -> ClusteringResult:
+        encoded, first = self._encode_block(self.model, "train")
+        indices = np.arange(first, first + len(encoded.codes), dtype=np.int64)
+        self.last_result = cluster_on_actor(self.wc.actor, epoch, self.rank, self.world, self.num_train, indices,
+                                            encoded)
+        return self.last_result
+
+    def train_epoch(self, epoch: int, targets: ClusterTargets | None) -> EpochStats:
+        self.reader.set_epoch(epoch)
+        stats = train_one_epoch(self.ddp, make_loader(self.reader, self.wc.loader_workers), self.optimizer, self.cfg,
+                                self.device, targets, gather=gather_with_grad, guard=self.guard)
+        self.scheduler.step()
+        return stats
+
+    def probe_sampler(self) -> SamplerDiagnostics | None:
+        return sampler_diagnostics(self.model, *self.probe) if self.rank == 0 else None
+
+    def evaluate(self, epoch: int) -> Retrieval | None:
+        return self._evaluate(self.model)
+
+    # ----- evaluation -----------------------------------------------------------------------------------------
+
+    def _encode_block(self, model: AutoSSVH, split: str) -> tuple[Encoded, int]:
+        """This rank's contiguous block of ``split`` encoded, and the block's first row."""
+        reader = EvalReader(self.wc.data, split, self.cfg.train.test_batch_size, self.rank, self.world,
+                            self.wc.storage_options)
+        return encode(model, make_loader(reader, self.wc.loader_workers), self.device), reader.start
+
+    def _evaluate(self, model: AutoSSVH, with_pr: bool = False) -> Retrieval | None:
+        """Every rank encodes its block of query (and database, unless aliased); rank 0 gets the mAP@K."""
+        query = gather_rows_to_rank0(self._encode_block(model, "query")[0].codes)
+        database = query if queries_are_database(self.protocol) else gather_rows_to_rank0(
+            self._encode_block(model, "database")[0].codes)
+        if self.rank != 0:
+            return None
+        return evaluate_codes(query, self.labels["query"], database, self.labels["database"], with_pr)
+
+    def final_evaluation(self) -> None:
+        """All ranks encode the selected model's codes; rank 0 adds mAP@K, GMAP and precision/recall by radius to
+        a last checkpoint (``final``), which the driver reads instead of evaluating in its own process."""
+        import ray
+        import ray.train
+
+        chosen = None
+        if self.rank == 0 and self.wc.selection == "best-map5" and self.state.best_epoch != self.state.epoch:
+            chosen = self.state.best_model
+        chosen = broadcast_from_rank0(chosen)
+        model = self.model
+        if chosen is not None:  # a separate model: the final checkpoint keeps the last epoch's weights to resume
+            model = AutoSSVH(self.cfg).to(self.device)
+            model.load_state_dict(chosen)
+        retrieval = self._evaluate(model, with_pr=True)
+        nodes = gather_objects(ray.get_runtime_context().get_node_id())
+        if self.rank != 0:
+            ray.train.report({})
+            return
+        selected = self.state.best_epoch if chosen is not None else self.state.epoch
+        self.state.final = FinalEvaluation(selected, retrieval)
+        metrics = {"epoch": self.state.epoch, "selected_epoch": selected, "worker_nodes": nodes,
+                   "gmap_l2": retrieval.gmap_l2} | {f"map_at_{k}": v for k, v in retrieval.map_at_k.items()}
+        report_checkpoint(metrics, self.state)
