@@ -22,7 +22,6 @@ ties that straddle the K-th distance exactly.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,6 @@ __all__ = [
     "gmap_l2",
     "hamming_ranking",
     "map_at_k",
-    "plot_pr_curve",
     "precision_recall_by_radius",
 ]
 
@@ -310,39 +308,3 @@ def precision_recall_by_radius(
     precision = prec_sum / q.shape[0]
     recall = rec_sum / n_with_rel if n_with_rel else np.full(nbits + 1, np.nan)
     return np.arange(nbits + 1, dtype=np.int64), precision, recall
-
-
-def plot_pr_curve(
-    radii: Any, precision: Any, recall: Any, path: str | Path, title: str | None = None
-) -> Path:
-    """Save a precision-recall curve (PNG) with the Hamming radius annotated at a few points; return the path.
-
-    Uses ``matplotlib.figure.Figure`` directly, so the global pyplot backend is neither needed nor changed.
-    """
-    from matplotlib.figure import Figure
-
-    r = np.asarray(radii).reshape(-1)
-    p = np.asarray(precision, dtype=np.float64).reshape(-1)
-    rc = np.asarray(recall, dtype=np.float64).reshape(-1)
-    if not (r.size == p.size == rc.size) or r.size == 0:
-        raise ValueError(
-            f"radii, precision, recall must be non-empty and equally long, got {r.size}, {p.size}, {rc.size}"
-        )
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(5.0, 4.0), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(rc, p, marker=".", linewidth=1.2)
-    for i in np.unique(np.linspace(0, r.size - 1, num=min(6, r.size)).round().astype(int)):
-        if np.isfinite(rc[i]) and np.isfinite(p[i]):
-            ax.annotate(f"r={r[i]}", (rc[i], p[i]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0.0, 1.02)
-    ax.set_ylim(0.0, 1.02)
-    ax.grid(True, alpha=0.3)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(out, format="png")
-    return out

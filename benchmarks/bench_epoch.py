@@ -8,8 +8,8 @@ Steps:
 1. write (once, cached under ``--workdir``) a synthetic store ``like="ucf101"`` with ``--videos`` train videos;
 2. run ``jobs/train_ucf101.py`` on it (``--workers`` Ray Train workers of one CPU each, ``--epochs`` epochs,
    clustering from epoch 1 and an evaluation every epoch) with its own MLflow SQLite database;
-3. read the per-epoch metrics back from that run (``train_seconds``, ``cluster_seconds``, ``eval_seconds``,
-   ``videos_per_s`` of rank 0) and print them with the seconds per global batch;
+3. read the per-epoch metrics back from that run (``time/train_s``, ``time/cluster_s``, ``time/eval_s``,
+   ``train/videos_per_s`` of rank 0; steps count epochs from 1) and print them with the seconds per global batch;
 4. time two components in this process on one thread (one Train worker's share of the CPU): encoding the
    train split (seconds per video) and k-means on ``n_train`` codes at the run's granularities;
 5. print an estimate of one FCVID epoch on N workers (see :func:`fcvid_estimate` for the assumptions).
@@ -51,7 +51,8 @@ FCVID_MAP_SECONDS = 3.8
 # (7-25 tokens x 256-d) and the step also reads ~205 KB of fp16 features per video, so a conservative 50x
 # (~3,750 videos/s, ~0.8 GB/s of reads per GPU) is assumed. Pass the ratio of your own card with --gpu-speedup.
 DEFAULT_GPU_SPEEDUP = 50.0
-METRICS = ("train_seconds", "cluster_seconds", "eval_seconds", "videos_per_s")
+METRICS = {"time/train_s": "train_seconds", "time/cluster_s": "cluster_seconds", "time/eval_s": "eval_seconds",
+           "train/videos_per_s": "videos_per_s"}  # MLflow name -> name here
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,9 @@ def epoch_metrics(uri: str, run_id: str) -> dict[int, dict[str, float]]:
 
     client = MlflowClient(uri)
     table: dict[int, dict[str, float]] = {}
-    for metric in METRICS:
+    for metric, key in METRICS.items():
         for m in client.get_metric_history(run_id, metric):
-            table.setdefault(m.step, {})[metric] = m.value
+            table.setdefault(m.step, {})[key] = m.value
     return table
 
 

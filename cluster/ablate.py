@@ -51,7 +51,7 @@ from autossvh.engine import Retrieval, evaluate_codes
 from cluster import tracking
 from cluster.cli import config_from_args
 from cluster.preflight import check_training_inputs
-from cluster.runtime import LOG_FORMAT, absolute_path, init_ray, mlflow_locations, trial_resources
+from cluster.runtime import absolute_path, configure_logging, init_ray, mlflow_locations, trial_resources
 from cluster.train import add_arguments as add_train_arguments
 from cluster.train import log_result_files, make_trainer, read_final_checkpoint, resolve_data, start_actor
 from storage.schema import queries_are_database
@@ -71,7 +71,7 @@ ROWS: dict[str, tuple[str, str | None, list[str]]] = {
     "hash-released": ("released hash layer", None, ["model.hash_layer=released"]),
     "released": ("released code's recipe", "released", []),
 }
-DEFAULT_ROWS = ("IX", "I", "II", "VI", "VII", "VIII", "released", "tau0.3", "tau3")
+DEFAULT_ROWS = ("IX", "I", "II", "VI", "VII", "VIII", "released", "tau1", "tau3")
 FULL_ROW = "IX"
 CONVERGENCE_SHARE = 0.9
 KS = (5, 20, 40, 60, 80, 100)
@@ -150,7 +150,7 @@ def _trial(params: dict[str, Any], ablation: dict[str, Any]) -> dict[str, float]
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+    configure_logging(force=True)
     row, seed = params["trial"]["row"], params["trial"]["seed"]
     key = trial_key(row, seed)
     cfg = config_from_dict(ablation["configs"][key])
@@ -165,7 +165,7 @@ def _trial(params: dict[str, Any], ablation: dict[str, Any]) -> dict[str, float]
         ray.kill(actor)
     mlflow_uri, _ = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
     done = read_final_checkpoint(result.checkpoint, cfg)
-    log_result_files(done, cfg, mlflow_uri, args.experiment)
+    log_result_files(done, cfg, mlflow_uri, args.experiment, f"{ablation['label']}, row {row}, seed {seed}")
     gmap_by_epoch = {r.epoch + 1: r.retrieval.gmap_l2 for r in done.history if r.retrieval is not None}
     trial = TrialResult(row, seed, dict(done.retrieval.map_at_k), done.retrieval.gmap_l2, gmap_by_epoch,
                         done.mlflow_run_id, cfg.to_dict())
@@ -198,6 +198,8 @@ class RowSummary:
     gmap_std: float
     gmap_by_epoch: dict[int, tuple[float, float]]  # epoch -> (mean, std) over the seeds evaluated then
     epochs_to_target: float | None  # mean first epoch at CONVERGENCE_SHARE of the full row's final GMAP
+    peak_gmap: tuple[float, float]  # (mean, std) over seeds of the best GMAP of any evaluated epoch
+    peak_epoch: float | None  # mean over seeds of the epoch of that best GMAP
 
     @classmethod
     def of(cls, row: str, description: str, trials: list[TrialResult], target: float | None) -> RowSummary:
@@ -206,13 +208,18 @@ class RowSummary:
         epochs = sorted(set().union(*(t.gmap_by_epoch for t in trials)))
         by_epoch = {e: (float(np.mean(v)), float(np.std(v))) for e in epochs
                     if (v := [t.gmap_by_epoch[e] for t in trials if e in t.gmap_by_epoch])}
+        peaks = [max(t.gmap_by_epoch.items(), key=lambda item: item[1]) if t.gmap_by_epoch else (None, t.gmap_l2)
+                 for t in trials]
+        peak_values = np.array([value for _, value in peaks])
+        peak_epochs = [epoch for epoch, _ in peaks]
+        peak_epoch = float(np.mean(peak_epochs)) if None not in peak_epochs else None
         reached = None
         if target is not None:
             firsts = [min((e for e, g in t.gmap_by_epoch.items() if g >= target), default=None) for t in trials]
             reached = float(np.mean(firsts)) if all(f is not None for f in firsts) else None
         return cls(row, description, len(trials), dict(zip(KS, maps.mean(0).tolist(), strict=True)),
                    dict(zip(KS, maps.std(0).tolist(), strict=True)), float(gmaps.mean()), float(gmaps.std()),
-                   by_epoch, reached)
+                   by_epoch, reached, (float(peak_values.mean()), float(peak_values.std())), peak_epoch)
 
 
 def summarise(trials: dict[str, TrialResult], rows: list[str], itq: Retrieval | None) -> list[RowSummary]:
@@ -224,15 +231,17 @@ def summarise(trials: dict[str, TrialResult], rows: list[str], itq: Retrieval | 
     summaries = [RowSummary.of(row, row_definition(row)[0], by_row[row], target) for row in rows if by_row[row]]
     if itq is not None:
         summaries.append(RowSummary("ITQ", "ITQ of mean-pooled features", 1,
-                                    dict(itq.map_at_k), dict.fromkeys(KS, 0.0), itq.gmap_l2, 0.0, {}, None))
+                                    dict(itq.map_at_k), dict.fromkeys(KS, 0.0), itq.gmap_l2, 0.0, {}, None,
+                                    (itq.gmap_l2, 0.0), None))
     return summaries
 
 
 def table_text(summaries: list[RowSummary], title: str) -> str:
-    """The ablation table: mean ± std of mAP@K and GMAP per row, ΔGMAP against IX, epochs to 90 % of IX."""
+    """The ablation table: mean ± std of mAP@K and GMAP per row, ΔGMAP against IX, the best GMAP of any evaluated
+    epoch (and when), epochs to 90 % of IX."""
     full = next((s for s in summaries if s.row == FULL_ROW), None)
     header = (f"{'row':<12} {'what':<34} {'seeds':>5} " + " ".join(f"{'mAP@' + str(k):>13}" for k in KS)
-              + f" {'GMAP':>13} {'vs IX':>7} {'ep. to 90% IX':>13}")
+              + f" {'GMAP':>13} {'vs IX':>7} {'best GMAP':>13} {'at ep.':>6} {'ep. to 90% IX':>13}")
     lines = [title, header, "-" * len(header)]
     for s in summaries:
         change = f"{100 * (s.gmap_mean / full.gmap_mean - 1):+6.1f}%" if full and full.gmap_mean > 0 else "    n/a"
@@ -240,8 +249,12 @@ def table_text(summaries: list[RowSummary], title: str) -> str:
         if s.row == "ITQ":
             epochs = "-"
         cells = " ".join(f"{s.map_mean[k]:.4f}±{s.map_std[k]:.4f}" for k in KS)
+        peak_at = "-" if s.peak_epoch is None else f"{s.peak_epoch:.1f}"
         lines.append(f"{s.row:<12} {s.description[:34]:<34} {s.seeds:>5} {cells} "
-                     f"{s.gmap_mean:.4f}±{s.gmap_std:.4f} {change:>7} {epochs:>13}")
+                     f"{s.gmap_mean:.4f}±{s.gmap_std:.4f} {change:>7} {s.peak_gmap[0]:.4f}±{s.peak_gmap[1]:.4f} "
+                     f"{peak_at:>6} {epochs:>13}")
+    lines.append("GMAP: of the final epoch; best GMAP: the highest of any evaluated epoch (mean ± std over seeds) "
+                 "and the mean epoch it came at")
     if full is not None:
         lines.append(f"epochs to 90%: first epoch (1-based, mean over seeds) at which a row's GMAP reaches "
                      f"{CONVERGENCE_SHARE:.0%} of IX's mean final GMAP ({CONVERGENCE_SHARE * full.gmap_mean:.4f})")
@@ -295,6 +308,7 @@ class AblationPlan:
     name: str
     rows: list[str]
     url: str
+    label: str  # the dataset as a reader should see it (storage.store.FeatureStore.label)
     options: dict[str, Any]
     base: Config
     configs: dict[str, dict[str, Any]]
@@ -337,8 +351,8 @@ def plan_ablation(dataset: str, args: argparse.Namespace) -> AblationPlan:
                              f"{root}/trials/{key}.json); use another --name, or the settings it ran with")
     mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
     tracking.check_reachable(mlflow_uri)
-    return AblationPlan(name, rows, url, options, config_from_args(dataset, args, base_overrides), configs, root,
-                        finished, mlflow_uri, artifacts)
+    return AblationPlan(name, rows, url, store.label, options, config_from_args(dataset, args, base_overrides),
+                        configs, root, finished, mlflow_uri, artifacts)
 
 
 def run_trials(plan: AblationPlan, args: argparse.Namespace, parent_run_id: str) -> None:
@@ -347,14 +361,14 @@ def run_trials(plan: AblationPlan, args: argparse.Namespace, parent_run_id: str)
     from ray import tune
 
     pending = plan.pending()
-    init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus)
+    init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus, args.verbose)
     args.gpus_per_worker, fits = trial_resources(args, ray.cluster_resources())
     storage = absolute_path(args.storage)
     args.storage, args.mlflow_uri, args.mlflow_artifacts = storage, plan.mlflow_uri, plan.artifacts  # trial folders
     ablation = {"configs": plan.configs, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in
                                                    vars(args).items()},
                 "data": plan.url, "options": plan.options, "name": plan.name, "parent_run_id": parent_run_id,
-                "results": plan.results}
+                "results": plan.results, "label": plan.label}
     tuner = tune.Tuner(
         tune.with_parameters(_trial, ablation=ablation),
         param_space={"trial": tune.grid_search(pending)},
@@ -368,13 +382,13 @@ def run_trials(plan: AblationPlan, args: argparse.Namespace, parent_run_id: str)
                   "(finished trials are kept)", grid.num_errors, len(pending), storage)
 
 
-def report(plan: AblationPlan, dataset: str, args: argparse.Namespace, parent_run_id: str) -> int:
+def report(plan: AblationPlan, args: argparse.Namespace, parent_run_id: str) -> int:
     """The table, figure and summary of the finished trials, printed and logged to the parent run."""
     finished = {k: v for k, v in read_trials(plan.results).items() if k in plan.configs}
     missing = [key for key in plan.configs if key not in finished]
     summaries = summarise(finished, plan.rows, itq_baseline(plan.url, plan.options, plan.base.model.nbits))
-    title = (f"{dataset}{'' if args.data else ' (synthetic)'} ablation {plan.name!r}, {plan.base.model.nbits} bits, "
-             f"{plan.base.train.num_epochs} epochs, test protocol, mean ± std over seeds")
+    title = (f"{plan.label} ablation {plan.name!r}, {plan.base.model.nbits} bits, {plan.base.train.num_epochs} "
+             "epochs, test protocol, mean ± std over seeds")
     text = table_text(summaries, title)
     rows = [s.__dict__ for s in summaries]
     with tracking.start_run(plan.mlflow_uri, args.experiment, run_id=parent_run_id), \
@@ -403,7 +417,7 @@ def report(plan: AblationPlan, dataset: str, args: argparse.Namespace, parent_ru
 
 def run_ablation(dataset: str, args: argparse.Namespace) -> int:
     """The ablation per ``args`` (see :func:`add_arguments`); returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging(args.verbose)
     try:
         plan = plan_ablation(dataset, args)
     except (ValueError, tracking.TrackingError) as err:
@@ -416,12 +430,13 @@ def run_ablation(dataset: str, args: argparse.Namespace) -> int:
              len(plan.configs) - len(pending), len(pending))
     if pending:
         run_trials(plan, args, parent_run_id)
-    return report(plan, dataset, args, parent_run_id)
+    return report(plan, args, parent_run_id)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser)
-    parser.add_argument("--dataset", required=True, choices=["activitynet", "fcvid", "ucf101", "hmdb51"])
+    parser.add_argument("--dataset", required=True, choices=["activitynet", "fcvid", "ucf101", "hmdb51"],
+                        help="the preset (and, without --data, the kind of generated store) of every row")
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
                         help=f"rows to run (default: {' '.join(DEFAULT_ROWS)}); see cluster/ablate.py")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row: train.seed = 0 .. seeds-1")

@@ -23,12 +23,30 @@ REDUCED_PRESET = [
 ]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """A job's ``--help``: its module docstring as written, and every option's default after its help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = action.option_strings and default not in (None, False, [], argparse.SUPPRESS)
+        if shown and "%(default)" not in text and "default:" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def job_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a ``jobs/`` script, described by its docstring."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
     """--data, --storage-option, --recipe, --bits, --epochs, --set, --config."""
     parser.add_argument("--data", help=data_help)
     parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
                         metavar="KEY=VALUE", help="fsspec option for --data, repeatable")
-    parser.add_argument("--recipe", choices=["paper", "released"], default="paper")
+    parser.add_argument("--recipe", choices=["paper", "released"], default="paper",
+                        help="paper: the adversarial sampler and voted centres; released: what the authors' code runs")
     parser.add_argument("--bits", type=int, help="code length (model.nbits)")
     parser.add_argument("--epochs", type=int, help="train.num_epochs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -46,11 +64,12 @@ def config_from_args(dataset: str, args: argparse.Namespace, base_overrides: lis
     return build_config(dataset, args.recipe, args.config, [*overrides, *args.overrides])
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model and :func:`add_evaluation_arguments`: what the jobs that use one trained model share."""
-    parser.add_argument("--model", required=True,
+def add_model_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """--model (repeatable with ``several``) and :func:`add_evaluation_arguments`: what the jobs that use trained
+    models share."""
+    parser.add_argument("--model", required=True, action="append" if several else "store",
                         help="models:/NAME@ALIAS (or another MLflow model URI), a checkpoint or run folder, or a "
-                        "model file")
+                        "model file" + ("; repeat it to compare models in one table and figure" if several else ""))
     add_evaluation_arguments(parser, default_workers=2)
 
 
@@ -62,7 +81,17 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser, default_workers: i
                         metavar="KEY=VALUE", help="fsspec option for --data, repeatable")
     parser.add_argument("--workers", type=int, default=default_workers,
                         help="Ray tasks that encode in parallel; 0: in this process")
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0)
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="GPUs per encoding task; > 0 encodes on CUDA")
     parser.add_argument("--batch-size", type=int, default=256, help="videos per encoding batch")
     parser.add_argument("--mlflow-uri", default="sqlite:///runs/mlflow.db", help="MLflow tracking URI (registry)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without RAY_ADDRESS")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without RAY_ADDRESS "
+                        "(default: the machine's cores)")
+    add_verbose_argument(parser)
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    """--verbose: Ray's own output (its workers', actors' and controller's) on the console too."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own output (workers, actors, Ray Train), which by default stays in "
+                        "Ray's session logs")

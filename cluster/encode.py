@@ -7,7 +7,7 @@ import logging
 
 from cluster.cli import add_model_arguments
 from cluster.retrieval import encode_to_code_store, load_model_ref
-from cluster.runtime import LOG_FORMAT, absolute_uri, init_ray
+from cluster.runtime import absolute_uri, configure_logging, init_ray
 from storage.schema import SPLITS
 from storage.writer import storage_options_from
 
@@ -25,13 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Encode ``--split`` of ``--data`` into ``--out``; exit status 2 on bad input (nothing marked complete)."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging(args.verbose)
     try:
         options = storage_options_from(args.storage_options)
         out_options = storage_options_from(args.out_storage_options)
         model = load_model_ref(args.model, absolute_uri(args.mlflow_uri))
         if args.workers > 0:
-            init_ray(args.workers + 1, args.num_cpus)
+            init_ray(args.workers + 1, args.num_cpus, args.verbose)
         store = encode_to_code_store(model, args.model, args.data, args.split, args.out, options, out_options,
                                      args.workers, args.batch_size, args.gpus_per_worker, args.overwrite)
     except ValueError as err:

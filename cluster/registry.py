@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from autossvh.engine import Retrieval
 from cluster.cli import add_evaluation_arguments
 from cluster.retrieval import evaluate_on_store, load_model_ref
-from cluster.runtime import LOG_FORMAT, absolute_uri, init_ray
+from cluster.runtime import absolute_uri, configure_logging, init_ray
 from cluster.tracking import TrackingError, check_reachable, redact_url
 from storage.writer import storage_options_from
 
@@ -97,10 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Exit status 0 when the alias moved, 1 when the gate refused it, 2 on bad input."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging(args.verbose)
     try:
         if args.workers > 0:
-            init_ray(args.workers + 1, args.num_cpus)
+            init_ray(args.workers + 1, args.num_cpus, args.verbose)
         decision = promote(args.name, args.source, args.target, args.data, absolute_uri(args.mlflow_uri),
                            args.metric, args.force, storage_options_from(args.storage_options), args.workers,
                            args.batch_size, args.gpus_per_worker)

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def configure_logging(verbose: bool = False, force: bool = False) -> None:
+    """A job's console: our INFO lines with a timestamp; MLflow's and Ray's own only from WARNING and ERROR up
+    (everything with ``verbose``). ``force`` replaces the handlers a Ray worker process starts with."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=force)
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def absolute_uri(uri: str) -> str:
@@ -31,22 +40,28 @@ def mlflow_locations(tracking_uri: str, artifacts: str) -> tuple[str, str]:
     return uri, artifacts if "://" in artifacts else Path(artifacts).resolve().as_uri()
 
 
-def init_ray(min_cpus: int, num_cpus: int | None = None) -> None:
+def init_ray(min_cpus: int, num_cpus: int | None = None, verbose: bool = False) -> None:
     """Connect to the cluster at RAY_ADDRESS (``ray job submit`` sets it), else start a local Ray on 127.0.0.1
-    without the dashboard, with ``num_cpus`` logical CPUs (default: the cores, at least ``min_cpus``)."""
+    without the dashboard, with ``num_cpus`` logical CPUs (default: the cores, at least ``min_cpus``).
+
+    Unless ``verbose``, Ray's own lines stay out of the job's console: its driver-side logger shows errors only,
+    and the output of Ray's processes (workers, actors, Ray Train's controller) is not forwarded; it stays in
+    Ray's session logs, and what the job has to say comes back through :mod:`cluster.console`."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    logging.getLogger("ray").setLevel(logging.INFO if verbose else logging.ERROR)  # also before init's own setup
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+             runtime_env={"env_vars": {"PYTHONPATH": path}}, **quiet)
 
 
 def trial_resources(args: argparse.Namespace, cluster: dict[str, float]) -> tuple[float, int]:

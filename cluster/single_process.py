@@ -18,10 +18,10 @@ import torch
 
 from autossvh.baselines import random_projection_codes
 from autossvh.engine import Retrieval, evaluate_codes, save_model
-from autossvh.metrics import plot_pr_curve
 from autossvh.trainer import RetrievalData, fit
 from cluster.cli import REDUCED_PRESET, add_config_arguments, config_from_args
-from cluster.runtime import LOG_FORMAT
+from cluster.results import write_result_files
+from cluster.runtime import configure_logging
 from storage.schema import stored_split
 from storage.store import FeatureStore, open_store
 from storage.synthetic import make_synthetic
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-dim", type=int, default=512, help="generated per-frame feature size")
     parser.add_argument("--classes", type=int, default=40, help="classes of the generated dataset")
     parser.add_argument("--full-preset", action="store_true", help="do not apply the reduced preset")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to train on")
     parser.add_argument("--out", type=Path, default=Path("runs/local"), help="where model.pt and metrics.json go")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated dataset")
 
@@ -76,7 +77,7 @@ def synthetic_data(dataset: str, args: argparse.Namespace, feature_size: int, ma
 
 
 def run(dataset: str, args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging()
     overrides = [] if args.full_preset else list(REDUCED_PRESET)
     store = None
     try:
@@ -108,10 +109,11 @@ def run(dataset: str, args: argparse.Namespace) -> int:
         "baseline_random_projection": {str(k): v for k, v in baseline.map_at_k.items()},
     }
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    if result.retrieval.pr_by_radius is not None:
-        plot_pr_curve(*result.retrieval.pr_by_radius, args.out / "pr_curve.png",
-                      title=f"{args.data or dataset + '-like'}, {cfg.model.nbits} bits, {cfg.recipe} recipe")
-    print(result.retrieval.table(f"{dataset}, {cfg.model.nbits} bits, recipe {cfg.recipe}"))
+    label = f"{dataset} (synthetic)" if store is None else store.label
+    title = f"{label}, {cfg.model.nbits} bits, {cfg.recipe} recipe, epoch {cfg.train.num_epochs}"
+    paths = write_result_files(cfg, result.retrieval, result.history, args.out, title)
+    print(result.retrieval.table(title))
     print(baseline.table("baseline: sign of a random projection of mean-pooled features"))
-    print(f"model, metrics.json and pr_curve.png in {args.out}/")
+    figures = ", ".join(p.name for p in paths.values() if p.suffix == ".png")
+    print(f"model.pt, metrics.json, the mAP tables and {figures} in {args.out}/")
     return 0

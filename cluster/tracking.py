@@ -10,35 +10,51 @@ maps frame features (N, T, F) float32 to packed uint8 codes (N, nbits / 8), so n
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.metadata
+import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import mlflow.pyfunc
+# MLflow's artifact progress bars (model logging downloads its own artifacts to check them) are not progress a
+# user waits for; set before MLflow reads it.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
+import mlflow.pyfunc  # noqa: E402
 import numpy as np
-import yaml
 from mlflow.tracking import MlflowClient
 
 import autossvh
 from autossvh.config import Config
 from autossvh.engine import Retrieval, array_batches, encode, load_model, save_model
-from autossvh.metrics import plot_pr_curve
 from autossvh.model import AutoSSVH
 from autossvh.trainer import EpochRecord
+from cluster.results import write_result_files
+from storage.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
 REDACTED = "***"
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 CANDIDATE_ALIAS = "candidate"
+NOTE_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's or a logged model's description
+REGISTERED_MODEL_DESCRIPTION = (
+    "AutoSSVH video hashing model (CVPR 2025): frame features (N, T, F) float32 in, packed binary codes "
+    "(N, nbits / 8) uint8 out. Each version's description and tags give its data, recipe, bits, selected epoch "
+    "and test scores; load it with mlflow.pyfunc.load_model or jobs/evaluate.py --model models:/NAME@ALIAS.")
 MODEL_ARTIFACT = "model"
 MODEL_STATE_FILE = "autossvh_model.pt"  # the state dict inside the logged pyfunc's artifacts
 PREDICT_BATCH = 1024
@@ -133,30 +149,102 @@ def start_run(
     *,
     artifact_location: str | None = None,
     parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
     timeout: float = 5.0,
 ) -> mlflow.ActiveRun:
-    """Start (or, with ``run_id``, resume) the run of a training run and return it (a context manager).
+    """Start (or, with ``run_id``, continue) a run and return it (a context manager).
 
-    The experiment is created when missing, with ``artifact_location`` if given. Resuming keeps the same run
+    The experiment is created when missing, with ``artifact_location`` if given. Continuing keeps the same run
     id, so a restarted job continues its metric history; store the id in the checkpoint to resume. A new run
-    with ``parent_run_id`` is that run's child (a sweep's trial).
+    with ``parent_run_id`` is that run's child (a sweep's trial); ``tags`` are set on a new run (MLflow's
+    ``mlflow.source.name`` among them replaces the process's own script, a Ray worker's).
     """
     check_reachable(tracking_uri, timeout)
     mlflow.set_tracking_uri(tracking_uri)
     if run_id is not None:
-        active = mlflow.start_run(run_id=run_id)
-        log.info("MLflow: resumed run %s in %s", run_id, redact_url(tracking_uri))
-        return active
+        log.debug("MLflow: continuing run %s in %s", run_id, redact_url(tracking_uri))
+        return mlflow.start_run(run_id=run_id)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = (
         found.experiment_id if found is not None
         else client.create_experiment(experiment, artifact_location=artifact_location)
     )
-    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id)
-    log.info("MLflow: run %s (%s) in experiment %r at %s", active.info.run_id, run_name, experiment,
-             redact_url(tracking_uri))
+    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
+                              tags=dict(tags or {}))
+    log.debug("MLflow: run %s (%s) in experiment %r at %s", active.info.run_id, run_name, experiment,
+              redact_url(tracking_uri))
     return active
+
+
+def git_commit(root: Path) -> str | None:
+    """The checkout's commit, or None outside a git checkout (a job's uploaded working directory has none)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def run_tags(job: str, data_label: str, cfg: Config) -> dict[str, str]:
+    """Tags of a new training run: its source (the job script, not the Ray worker that creates the run), the
+    code's commit where known, and what was trained."""
+    root = Path(__file__).resolve().parents[1]
+    script = Path(job).resolve()
+    tags = {"mlflow.source.name": str(script.relative_to(root)) if script.is_relative_to(root) else job,
+            "mlflow.source.type": "LOCAL", "dataset": data_label, "recipe": cfg.recipe,
+            "nbits": str(cfg.model.nbits)}
+    commit = git_commit(root)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def log_store_input(store: FeatureStore) -> None:
+    """Log the feature store as the active run's training input: its URL, a digest of its sources, the feature
+    schema, and the split sizes and protocol as tags."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema, TensorSpec
+
+    info = store.info
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": the URL says which
+        source = resolve_dataset_source(redact_url(store.url))
+    digest = hashlib.sha256(json.dumps(info.sources, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    schema = Schema([TensorSpec(np.dtype(info.dtype), (-1, info.max_frames, info.feature_dim), "feats")])
+    dataset = MetaDataset(source, name=store.label, digest=digest, schema=schema)
+    tags = {f"{split}_videos": str(n) for split, n in info.counts.items()} | {"protocol": info.protocol}
+    mlflow.log_input(dataset, context="training", tags=tags)
+
+
+def model_card(data_label: str, data_url: str, cfg: Config, retrieval: Retrieval, selected_epoch: int,
+               selection: str) -> ModelCard:
+    """The registry's description and tags of a trained model version (``selected_epoch`` counted from 1)."""
+    tags = {"dataset": data_label, "data": redact_url(data_url), "recipe": cfg.recipe, "nbits": str(cfg.model.nbits),
+            "selected_epoch": str(selected_epoch), "selection": selection,
+            "gmap_l2": f"{retrieval.gmap_l2:.4f}", "map_at_5": f"{retrieval.map_at_k[5]:.4f}"}
+    description = (f"AutoSSVH, {cfg.model.nbits} bits, {cfg.recipe} recipe, trained on {data_label} "
+                   f"({redact_url(data_url)}); epoch {selected_epoch} of {cfg.train.num_epochs} ({selection}); test "
+                   f"GMAP {retrieval.gmap_l2:.4f}, mAP@5 {retrieval.map_at_k[5]:.4f}.")
+    return ModelCard(description, tags)
+
+
+def ui_hint(tracking_uri: str, run_id: str) -> str:
+    """How to look at a run: the command that serves a local store's UI and the run's page."""
+    experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow run: {redact_url(tracking_uri).rstrip('/')}/{page}"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    try:
+        mlflow_bin = mlflow_bin.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return (f"MLflow UI: {mlflow_bin} ui --backend-store-uri {tracking_uri} --port 5000\n"
+            f"then open http://127.0.0.1:5000/{page}")
 
 
 def config_params(cfg: Config, extra_params: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -175,139 +263,48 @@ def log_config(cfg: Config, extra_params: Mapping[str, Any] | None = None) -> di
     return params
 
 
+def epoch_step(epoch: int) -> int:
+    """The MLflow step of 0-based epoch ``epoch``: epochs are counted from 1 wherever a user reads them."""
+    return epoch + 1
+
+
 def epoch_metrics(record: EpochRecord, num_cluster: Sequence[int] | None = None) -> dict[str, float]:
-    """Metric name → value for one epoch. The k-means objective and the number of distinct voted centres are
-    named ``kmeans_objective_k{k}`` and ``distinct_centers_k{k}`` by the granularity k (``num_cluster``, in the
-    order the clustering ran), or ``..._{i}`` without it; the sampler's diagnostics ``sampler/...``."""
+    """Metric name → value for one epoch, grouped by prefix so that the MLflow UI groups the charts:
+    ``loss/`` (total and unweighted parts), ``map/`` (mAP@K and GMAP), ``train/``, ``time/`` (seconds),
+    ``cluster/`` (k-means objective and distinct voted centres by granularity k, ``..._k{k}``; ``..._{i}``
+    without ``num_cluster``) and ``sampler/`` (the sampler's diagnostics)."""
     s = record.stats
     metrics = {
-        "loss": s.loss, "loss_rec": s.rec, "loss_vc": s.vc, "loss_p2set": s.p2set, "lr": record.lr,
-        "videos_per_s": s.videos_per_s, "skipped_steps": float(s.skipped_steps),
-        "cluster_seconds": record.cluster_seconds, "train_seconds": s.seconds, "eval_seconds": record.eval_seconds,
+        "loss/total": s.loss, "loss/rec": s.rec, "loss/vc": s.vc, "loss/p2set": s.p2set,
+        "train/lr": record.lr, "train/videos_per_s": s.videos_per_s, "train/skipped_steps": float(s.skipped_steps),
+        "time/train_s": s.seconds, "time/cluster_s": record.cluster_seconds, "time/eval_s": record.eval_seconds,
     }
-    for prefix, values in (("kmeans_objective", record.kmeans_objective),
-                           ("distinct_centers", record.distinct_centers)):
+    for prefix, values in (("cluster/kmeans_objective", record.kmeans_objective),
+                           ("cluster/distinct_centers", record.distinct_centers)):
         for i, value in enumerate(values):
             suffix = f"k{num_cluster[i]}" if num_cluster and i < len(num_cluster) else str(i)
             metrics[f"{prefix}_{suffix}"] = value
     if record.sampler is not None:
         metrics.update(record.sampler.metrics())
     if record.retrieval is not None:
-        metrics.update({f"map_at_{k}": v for k, v in record.retrieval.map_at_k.items()})
-        metrics["gmap_l2"] = record.retrieval.gmap_l2
+        metrics.update(retrieval_metrics(record.retrieval))
     return {key: float(value) for key, value in metrics.items()}
 
 
-def log_epoch(record: EpochRecord, step: int | None = None, num_cluster: Sequence[int] | None = None) -> None:
-    """Log one epoch's metrics to the active run at ``step`` (default: the epoch number)."""
-    mlflow.log_metrics(epoch_metrics(record, num_cluster), step=record.epoch if step is None else step)
+def retrieval_metrics(retrieval: Retrieval) -> dict[str, float]:
+    """``map/at_{K}`` and ``map/gmap_l2``."""
+    return {f"map/at_{k}": v for k, v in retrieval.map_at_k.items()} | {"map/gmap_l2": retrieval.gmap_l2}
 
 
-def map_table_dict(retrieval: Retrieval) -> dict[str, Any]:
-    return {"map_at_k": {str(k): retrieval.map_at_k[k] for k in sorted(retrieval.map_at_k)},
-            "gmap_l2": retrieval.gmap_l2}
-
-
-def map_table_csv(retrieval: Retrieval) -> str:
-    """The published table layout: one header row ``mAP@5,...,GMAP(L2)`` and one row of values."""
-    ks = sorted(retrieval.map_at_k)
-    header = ",".join([*(f"mAP@{k}" for k in ks), "GMAP(L2)"])
-    row = ",".join([*(f"{retrieval.map_at_k[k]:.6f}" for k in ks), f"{retrieval.gmap_l2:.6f}"])
-    return f"{header}\n{row}\n"
-
-
-def plot_training_curve(history: Sequence[EpochRecord], path: str | Path) -> Path:
-    """Losses (left axis) and mAP@5 (right axis; the smallest K if 5 is absent) against the epoch, as PNG.
-    Uses ``matplotlib.figure.Figure`` directly, so the pyplot backend is neither needed nor changed."""
-    from matplotlib.figure import Figure
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(6.0, 4.0), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    epochs = [r.epoch for r in history]
-    for attr, label in (("loss", "loss"), ("rec", "rec"), ("vc", "vc"), ("p2set", "p2set")):
-        ax.plot(epochs, [getattr(r.stats, attr) for r in history], label=label, linewidth=1.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.grid(True, alpha=0.3)
-    evaluated = [r for r in history if r.retrieval is not None and r.retrieval.map_at_k]
-    if evaluated:
-        ks = evaluated[-1].retrieval.map_at_k
-        k = 5 if 5 in ks else min(ks)
-        points = [(r.epoch, r.retrieval.map_at_k[k]) for r in evaluated if k in r.retrieval.map_at_k]
-        ax2 = ax.twinx()
-        ax2.plot([p[0] for p in points], [p[1] for p in points], color="black", marker="o", linestyle="--",
-                 label=f"mAP@{k}")
-        ax2.set_ylabel(f"mAP@{k}")
-        ax2.legend(loc="upper right", fontsize=8)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, format="png")
-    return out
-
-
-def plot_sampler_deciles(history: Sequence[EpochRecord], uniform: float, path: str | Path) -> Path | None:
-    """P(hidden) of the frames in each tenth of their video's Grade-Net ranking, at up to five epochs spread
-    over the run, as PNG; None when the run has no adversarial sampler."""
-    from matplotlib.figure import Figure
-
-    records = [r for r in history if r.sampler is not None and not np.isnan(r.sampler.hidden_by_decile).all()]
-    if not records:
-        return None
-    shown = [records[i] for i in sorted({round(j * (len(records) - 1) / 4) for j in range(5)})]
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    ax = fig.add_subplot(1, 1, 1)
-    deciles = np.arange(1, 11)
-    for record in shown:
-        ax.plot(deciles, record.sampler.hidden_by_decile, marker="o", linewidth=1.4,
-                label=f"epoch {record.epoch + 1} (selectivity {record.sampler.selectivity:.2f})")
-    ax.axhline(uniform, color="grey", linestyle="--", linewidth=1.0, label=f"uniform K/T = {uniform:.2f}")
-    ax.set_xticks(deciles)
-    ax.set_xlabel("Grade-Net logit decile within the video (1 = lowest scored frames)")
-    ax.set_ylabel("P(frame hidden by a view)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Which frames the sampler hides (probe videos, 8 draws)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, format="png")
-    return out
-
-
-def write_final_artifacts(cfg: Config, retrieval: Retrieval, history: Sequence[EpochRecord],
-                          out_dir: str | Path) -> dict[str, Path]:
-    """Write the result files into ``out_dir``: ``config.yaml`` (resolved config), ``map_table.json``,
-    ``map_table.csv``, ``map_table.txt``, ``training_curve.png``, with the adversarial sampler
-    ``sampler_deciles.png`` and, when the retrieval has precision/recall, ``pr_curve.png``. Returns name → path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "config": out / "config.yaml", "map_json": out / "map_table.json", "map_csv": out / "map_table.csv",
-        "map_txt": out / "map_table.txt",
-    }
-    paths["config"].write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    paths["map_json"].write_text(json.dumps(map_table_dict(retrieval), indent=2) + "\n")
-    paths["map_csv"].write_text(map_table_csv(retrieval))
-    paths["map_txt"].write_text(retrieval.table(f"{cfg.dataset} {cfg.model.nbits} bits") + "\n")
-    paths["training_curve"] = plot_training_curve(history, out / "training_curve.png")
-    deciles = plot_sampler_deciles(history, cfg.num_hidden / cfg.data.max_frames, out / "sampler_deciles.png")
-    if deciles is not None:
-        paths["sampler_deciles"] = deciles
-    if retrieval.pr_by_radius is not None:
-        radii, precision, recall = retrieval.pr_by_radius
-        paths["pr_curve"] = plot_pr_curve(radii, precision, recall, out / "pr_curve.png",
-                                          title=f"{cfg.dataset} {cfg.model.nbits} bits")
-    else:
-        log.warning("no precision/recall in the final retrieval: pr_curve.png not written")
-    return paths
+def log_epoch(record: EpochRecord, num_cluster: Sequence[int] | None = None) -> None:
+    """Log one epoch's metrics to the active run at its step (:func:`epoch_step`)."""
+    mlflow.log_metrics(epoch_metrics(record, num_cluster), step=epoch_step(record.epoch))
 
 
 def log_final_artifacts(cfg: Config, retrieval: Retrieval, history: Sequence[EpochRecord],
-                        out_dir: str | Path) -> dict[str, Path]:
-    """Write the result files (see :func:`write_final_artifacts`) and log them to the active run's root."""
-    paths = write_final_artifacts(cfg, retrieval, history, out_dir)
+                        out_dir: str | Path, title: str) -> dict[str, Path]:
+    """Write the result files (:func:`cluster.results.write_result_files`) and log them to the active run."""
+    paths = write_result_files(cfg, retrieval, history, out_dir, title)
     for path in paths.values():
         mlflow.log_artifact(str(path))
     return paths
@@ -324,9 +321,9 @@ class HashCodeModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.model = load_model(context.artifacts[MODEL_ARTIFACT], map_location="cpu").eval()  # weights_only
 
-    def predict(self, context, model_input, params=None):
-        """Packed codes of ``model_input`` (N, T, F); left without type hints, since MLflow 3 would otherwise
-        derive (and warn about) a schema from them instead of using the logged tensor signature."""
+    def predict(self, context, model_input: np.ndarray, params=None):
+        """Packed codes of ``model_input`` (N, T, F). The ``np.ndarray`` hint is one MLflow derives no schema
+        from, so it keeps the logged tensor signature (and does not warn that hints are missing)."""
         return packed_codes(self.model, np.asarray(model_input, dtype=np.float32))
 
 
@@ -345,9 +342,19 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
 
 
-def log_model(model: AutoSSVH, name: str = "model", register: str | None = None) -> str:
-    """Log ``model`` to the active run as a pyfunc named ``name``; with ``register``, register a version of
-    that registered model and point its alias ``candidate`` at it.
+@dataclass
+class ModelCard:
+    """What the registry shows of a model: a description and tags, for the registered model and its version."""
+
+    description: str
+    tags: dict[str, str]
+
+
+def log_model(model: AutoSSVH, *, step: int, register: str | None = None, card: ModelCard | None = None,
+              name: str = "model") -> str:
+    """Log ``model`` to the active run as a pyfunc named ``name``, linked to the run's metrics at ``step`` (the
+    selected epoch's); with ``register``, register a version of that registered model, point its alias
+    ``candidate`` at it, and give the model and the version ``card``'s description and tags.
 
     Returns the URI to load it with ``mlflow.pyfunc.load_model``: ``models:/REGISTER@candidate`` when
     registered, else the logged model's own URI.
@@ -371,12 +378,20 @@ def log_model(model: AutoSSVH, name: str = "model", register: str | None = None)
             input_example=example,
             pip_requirements=pip_requirements(),
             code_paths=code_paths,
+            step=step,
+            tags=None if card is None else card.tags | {NOTE_TAG: card.description},
         )
-    log.info("MLflow: logged model %s", info.model_uri)
+    log.debug("MLflow: logged model %s", info.model_uri)
     if register is None:
         return info.model_uri
-    version = mlflow.register_model(info.model_uri, register)
-    MlflowClient().set_registered_model_alias(register, CANDIDATE_ALIAS, version.version)
+    client = MlflowClient()
+    with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered ..." there
+        version = mlflow.register_model(info.model_uri, register, tags=None if card is None else card.tags)
+    client.set_registered_model_alias(register, CANDIDATE_ALIAS, version.version)
+    if card is not None:
+        client.update_registered_model(register, description=REGISTERED_MODEL_DESCRIPTION)
+        client.set_registered_model_tag(register, "dataset", card.tags["dataset"])
+        client.update_model_version(register, version.version, description=card.description)
     uri = f"models:/{register}@{CANDIDATE_ALIAS}"
-    log.info("MLflow: registered %s version %s as %s", register, version.version, uri)
+    log.debug("MLflow: registered %s version %s as %s", register, version.version, uri)
     return uri

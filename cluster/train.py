@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,9 +32,9 @@ from autossvh.engine import Retrieval
 from autossvh.model import AutoSSVH
 from autossvh.trainer import EpochRecord
 from cluster.checkpoint import CHECKPOINT_FILE, TrainState, check_resume_compatible
-from cluster.cli import REDUCED_PRESET, add_config_arguments, config_from_args
+from cluster.cli import REDUCED_PRESET, add_config_arguments, add_verbose_argument, config_from_args
 from cluster.preflight import check_store_shape, check_training_inputs, requested_data_shape
-from cluster.runtime import LOG_FORMAT, absolute_path, init_ray, mlflow_locations
+from cluster.runtime import absolute_path, configure_logging, init_ray, mlflow_locations
 from cluster.worker import SELECTIONS, WorkerConfig, train_loop_per_worker
 from storage.store import FeatureStore, open_store
 from storage.synthetic_store import write_synthetic
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "generated store cached under runs/data/<dataset>-synthetic, with a reduced preset")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; > 0 trains on CUDA")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per Train worker")
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per Train worker")
     parser.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                         default="PACK", help="how Ray places the workers on nodes (SPREAD: one per node if possible)")
@@ -66,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--register", metavar="NAME", help="register the model under NAME with alias 'candidate' "
                         "(default without --data: autossvh-<dataset>-synthetic; with --data: not registered)")
     parser.add_argument("--summary-json", type=Path, help="write the final metrics and URIs here")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without RAY_ADDRESS")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without RAY_ADDRESS "
+                        "(default: the machine's cores)")
+    add_verbose_argument(parser)
 
 
 def synthetic_store(dataset: str) -> str:
@@ -98,25 +101,27 @@ def resolve_data(dataset: str, args: argparse.Namespace) -> tuple[str, dict[str,
     return url, options, overrides, store
 
 
-def resolve_run(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[str, Any]]:
-    """The run's config, data URL and storage options, checked against the store before anything starts."""
+def resolve_run(dataset: str, args: argparse.Namespace) -> tuple[Config, str, dict[str, Any], FeatureStore]:
+    """The run's config, data URL, storage options and opened store, checked before anything starts."""
     url, options, overrides, store = resolve_data(dataset, args)
     cfg = config_from_args(dataset, args, overrides)
     check_training_inputs(cfg, store, args.workers)
-    return cfg, url, options
+    return cfg, url, options, store
 
 
 def make_trainer(cfg: Config, url: str, options: dict[str, Any], args: argparse.Namespace, name: str, actor: Any,
-                 *, callbacks: list[Any] | None = None, mlflow_parent: str | None = None) -> Any:
-    """The TorchTrainer of one training run (``args``: the options of :func:`add_arguments`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+                 *, callbacks: list[Any] | None = None, mlflow_parent: str | None = None, console: Any = None,
+                 tags: dict[str, str] | None = None) -> Any:
+    """The TorchTrainer of one training run (``args``: the options of :func:`add_arguments`); ``console``: the
+    queue the driver prints the workers' messages from (``cluster.console``); ``tags``: of a new MLflow run."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
     worker = WorkerConfig(config=cfg.to_dict(), data=url, storage_options=options, actor=actor,
                           loader_workers=args.loader_workers, mlflow_uri=mlflow_uri, mlflow_artifacts=artifacts,
                           experiment=args.experiment, name=name, selection=args.selection,
-                          mlflow_parent=mlflow_parent)
+                          mlflow_parent=mlflow_parent, console=console, tags=tags or {})
     use_gpu = args.gpus_per_worker > 0
     resources = {"CPU": args.cpus_per_worker} | ({"GPU": args.gpus_per_worker} if use_gpu else {})
     return TorchTrainer(
@@ -125,7 +130,8 @@ def make_trainer(cfg: Config, url: str, options: dict[str, Any], args: argparse.
                                      placement_strategy=args.placement_strategy),
         run_config=RunConfig(storage_path=absolute_path(args.storage), name=name,
                              failure_config=FailureConfig(max_failures=args.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks,
+                             logging_config=LoggingConfig(log_level="INFO" if args.verbose else "WARNING")),
     )
 
 
@@ -162,27 +168,34 @@ def read_final_checkpoint(checkpoint: Any, cfg: Config) -> FinishedRun:
                        state.mlflow_run_id, checkpoint.path, state.history)
 
 
-def log_result_files(done: FinishedRun, cfg: Config, mlflow_uri: str, experiment: str) -> None:
+def log_result_files(done: FinishedRun, cfg: Config, mlflow_uri: str, experiment: str, title: str) -> None:
     """The mAP table, PR and training curves and the sampler figure, logged to the run's MLflow run."""
     from cluster import tracking
 
     with tracking.start_run(mlflow_uri, experiment, run_id=done.mlflow_run_id), \
             tempfile.TemporaryDirectory() as out:
-        tracking.log_final_artifacts(cfg, done.retrieval, done.history, out)
+        tracking.log_final_artifacts(cfg, done.retrieval, done.history, out, title)
 
 
-def log_and_register(done: FinishedRun, mlflow_uri: str, experiment: str, register: str | None) -> str:
-    """Log the selected model as a pyfunc to its run (and register it with alias candidate); returns its URI."""
+def log_and_register(done: FinishedRun, mlflow_uri: str, experiment: str, register: str | None,
+                     card: Any = None) -> str:
+    """Log the selected model as a pyfunc to its run, linked to the selected epoch's metrics (and register it
+    with alias candidate and ``card``'s description and tags, which also describe the run); returns its URI."""
+    import mlflow
+
     from cluster import tracking
 
     with tracking.start_run(mlflow_uri, experiment, run_id=done.mlflow_run_id):
-        return tracking.log_model(done.model, register=register)
+        if card is not None:
+            mlflow.set_tag(tracking.NOTE_TAG, card.description)
+        return tracking.log_model(done.model, step=tracking.epoch_step(done.selected_epoch), register=register,
+                                  card=card)
 
 
 def _write_summary(path: Path, dataset: str, cfg: Config, done: FinishedRun, model_uri: str, wall: float,
                    args: argparse.Namespace, result: Any) -> None:
     summary = {"dataset": dataset, "recipe": cfg.recipe, "nbits": cfg.model.nbits, "epochs": cfg.train.num_epochs,
-               "epochs_run": done.epochs_run, "selected_epoch": done.selected_epoch,
+               "epochs_run": done.epochs_run, "selected_epoch": done.selected_epoch + 1,
                "map_at_k": {str(k): v for k, v in done.retrieval.map_at_k.items()},
                "gmap_l2": done.retrieval.gmap_l2, "wall_seconds": wall, "mlflow_run_id": done.mlflow_run_id,
                "model_uri": model_uri, "workers": args.workers, "worker_nodes": result.metrics.get("worker_nodes"),
@@ -195,10 +208,11 @@ def run(dataset: str, args: argparse.Namespace) -> int:
     """Train ``dataset`` with Ray Train per ``args`` (see :func:`add_arguments`); returns the exit code."""
     from cluster import tracking
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging(args.verbose)
     try:
-        cfg, url, options = resolve_run(dataset, args)
-        name = args.name or f"{dataset}-{cfg.model.nbits}bits-{cfg.recipe}"
+        cfg, url, options, store = resolve_run(dataset, args)
+        label = store.label
+        name = args.name or f"{dataset}{'-synthetic' if store.is_synthetic else ''}-{cfg.model.nbits}bits-{cfg.recipe}"
         check_resume_compatible(args.storage, name, cfg)
         mlflow_uri, _ = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
         tracking.check_reachable(mlflow_uri)
@@ -208,14 +222,17 @@ def run(dataset: str, args: argparse.Namespace) -> int:
     import ray
     from ray.train import TrainingFailedError
 
-    init_ray(int(args.workers * args.cpus_per_worker) + 1, args.num_cpus)
-    actor = start_actor(cfg, args, name)
-    trainer = make_trainer(cfg, url, options, args, name, actor)
-    log.info("training %s (%s recipe, %d bits, %d epochs) on %d worker(s), run %r in %s", dataset, cfg.recipe,
+    from cluster.console import fit_showing_progress, new_console_queue
+
+    log.info("training %s, %s recipe, %d bits, %d epochs, on %d worker(s); run %r in %s", label, cfg.recipe,
              cfg.model.nbits, cfg.train.num_epochs, args.workers, name, args.storage)
+    init_ray(int(args.workers * args.cpus_per_worker) + 1, args.num_cpus, args.verbose)
+    actor, console = start_actor(cfg, args, name), new_console_queue()
+    trainer = make_trainer(cfg, url, options, args, name, actor, console=console,
+                           tags=tracking.run_tags(sys.argv[0], label, cfg))
     start = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = fit_showing_progress(trainer, console)
     except TrainingFailedError as err:
         log.error("training failed: %s", err)
         log.error("the last checkpoint is kept under %s/%s; re-run the same command to resume from it",
@@ -228,13 +245,13 @@ def run(dataset: str, args: argparse.Namespace) -> int:
         log.error("the run ended without a checkpoint")
         return 1
     done = read_final_checkpoint(result.checkpoint, cfg)
-    log_result_files(done, cfg, mlflow_uri, args.experiment)
+    title = f"{label}, {cfg.model.nbits} bits, {cfg.recipe} recipe, epoch {done.selected_epoch + 1} ({args.selection})"
+    log_result_files(done, cfg, mlflow_uri, args.experiment, title)
     register = args.register or (None if args.data else f"autossvh-{dataset}-synthetic")
-    model_uri = log_and_register(done, mlflow_uri, args.experiment, register)
-    title = (f"{dataset}, {cfg.model.nbits} bits, recipe {cfg.recipe}, epoch {done.selected_epoch + 1} "
-             f"({args.selection})")
+    card = tracking.model_card(label, url, cfg, done.retrieval, done.selected_epoch + 1, args.selection)
+    model_uri = log_and_register(done, mlflow_uri, args.experiment, register, card)
     print(done.retrieval.table(title))
-    print(f"model: {model_uri}\nMLflow run {done.mlflow_run_id}: mlflow ui --backend-store-uri {mlflow_uri}")
+    print(f"model: {model_uri}\n{tracking.ui_hint(mlflow_uri, done.mlflow_run_id)}")
     if args.summary_json is not None:
         _write_summary(args.summary_json, dataset, cfg, done, model_uri, wall, args, result)
     return 0

@@ -40,7 +40,7 @@ from typing import Any
 from autossvh.config import Config, config_from_dict, set_value
 from cluster import tracking
 from cluster.preflight import check_training_inputs
-from cluster.runtime import LOG_FORMAT, absolute_path, init_ray, mlflow_locations, trial_resources
+from cluster.runtime import absolute_path, configure_logging, init_ray, mlflow_locations, trial_resources
 from cluster.train import add_arguments as add_train_arguments
 from cluster.train import (
     log_and_register,
@@ -91,7 +91,7 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+    configure_logging(force=True)
     cfg = trial_config(sweep["config"], params)
     args = argparse.Namespace(**sweep["args"])
     name = f"{sweep['name']}-{tune.get_context().get_trial_id()}"
@@ -103,7 +103,8 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     finally:
         ray.kill(actor)
     mlflow_uri, _ = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
-    log_result_files(read_final_checkpoint(result.checkpoint, cfg), cfg, mlflow_uri, args.experiment)
+    title = f"{sweep['label']} (validation), {cfg.model.nbits} bits, trial {name}"
+    log_result_files(read_final_checkpoint(result.checkpoint, cfg), cfg, mlflow_uri, args.experiment, title)
 
 
 def sweep_tuner(cfg: Config, sweep: dict[str, Any], args: argparse.Namespace, concurrent: int) -> Any:
@@ -128,14 +129,16 @@ def sweep_tuner(cfg: Config, sweep: dict[str, Any], args: argparse.Namespace, co
 
 
 def register_best(best: Any, best_cfg: Config, best_params: dict[str, Any], args: argparse.Namespace,
-                  default_name: str, parent_run_id: str) -> tuple[Any, str]:
+                  default_name: str, parent_run_id: str, label: str, data: str) -> tuple[Any, str]:
     """Log the best trial's selected model to its child run, register it (alias candidate) and record the best
     scores and parameters on the parent run; returns the finished run and the model URI."""
     import mlflow
     from ray.train import Checkpoint
 
     done = read_final_checkpoint(Checkpoint(best.metrics["checkpoint_path"]), best_cfg)
-    model_uri = log_and_register(done, args.mlflow_uri, args.experiment, args.register or default_name)
+    card = tracking.model_card(f"{label} (validation)", data, best_cfg, done.retrieval, done.selected_epoch + 1,
+                               "last")
+    model_uri = log_and_register(done, args.mlflow_uri, args.experiment, args.register or default_name, card)
     with tracking.start_run(args.mlflow_uri, args.experiment, run_id=parent_run_id):
         mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items() if k.startswith("map_at_")})
         mlflow.set_tags({"best_trial_run_id": done.mlflow_run_id, "best_model_uri": model_uri})
@@ -147,11 +150,12 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     """The sweep per ``args`` (see :func:`add_arguments`); returns the exit code."""
     import ray
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging(args.verbose)
     name = args.name or f"{dataset}-sweep"
     try:
         args.overrides = [*args.overrides, "train.eval_every=1"]  # ASHA reads the validation mAP every epoch
-        cfg, url, options = resolve_run(dataset, args)
+        cfg, url, options, source = resolve_run(dataset, args)
+        label = source.label
         storage = absolute_path(args.storage)
         val_url = f"{storage.rstrip('/')}/validation/{dataset}-{name}-f{args.val_fraction}-s{args.seed}"
         store = carve_validation_store(url, val_url, args.val_fraction, args.seed, options)
@@ -161,7 +165,7 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     except (ValueError, tracking.TrackingError) as err:
         log.error("%s", err)
         return 2
-    init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus)
+    init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus, args.verbose)
     args.gpus_per_worker, fits = trial_resources(args, ray.cluster_resources())
     concurrent = args.max_concurrent or min(fits, args.trials)
     with tracking.start_run(mlflow_uri, args.experiment, run_name=name, artifact_location=artifacts) as parent:
@@ -172,6 +176,7 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     args.storage, args.mlflow_uri, args.mlflow_artifacts = storage, mlflow_uri, artifacts
     trial_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     sweep = {"config": cfg.to_dict(), "args": trial_args, "data": val_url, "options": options, "name": name,
+             "label": label,
              "parent_run_id": parent_run_id}
     log.info("sweep %r: %d trials, %d at a time, %d worker(s) x %.3g GPU each, validation store %s", name,
              args.trials, concurrent, args.workers, args.gpus_per_worker, val_url)
@@ -183,7 +188,7 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     best = max(finished, key=lambda r: r.metrics[METRIC])
     best_params = {k: best.config[k] for k in search_space(cfg.recipe)}
     done, model_uri = register_best(best, trial_config(cfg.to_dict(), best_params), best_params, args,
-                                    f"autossvh-{dataset}-sweep", parent_run_id)
+                                    f"autossvh-{dataset}-sweep", parent_run_id, label, val_url)
     print(done.retrieval.table(f"sweep {name}: best of {len(finished)} finished trials (validation queries)"))
     print(f"best params: {json.dumps(best_params)}")
     print(f"model: {model_uri}\nMLflow parent run {parent_run_id}: mlflow ui --backend-store-uri {mlflow_uri}")
@@ -200,7 +205,8 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser)
-    parser.add_argument("--dataset", required=True, choices=["activitynet", "fcvid", "ucf101", "hmdb51"])
+    parser.add_argument("--dataset", required=True, choices=["activitynet", "fcvid", "ucf101", "hmdb51"],
+                        help="the preset (and, without --data, the kind of generated store) to sweep")
     parser.add_argument("--trials", type=int, default=8, help="configurations to try")
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster holds)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of training chunks held out")

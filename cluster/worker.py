@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from autossvh.losses import ClusterTargets
 from autossvh.model import AutoSSVH, leaves_parameters_unused
 from autossvh.trainer import EpochRecord, epoch_line, run_epoch
 from cluster.checkpoint import CHECKPOINT_FILE, FinalEvaluation, TrainState, report_checkpoint
+from cluster.console import WorkerConsole
 from cluster.distributed import (
     all_ranks_agree,
     broadcast_from_rank0,
@@ -54,10 +55,10 @@ from cluster.distributed import (
     gather_with_grad,
 )
 from cluster.preflight import per_rank_batch_size
-from cluster.runtime import LOG_FORMAT
+from cluster.runtime import configure_logging
 from storage.reader import EvalReader, TrainReader, make_loader
 from storage.schema import queries_are_database
-from storage.store import open_store
+from storage.store import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class WorkerConfig:
     name: str  # run name (Ray Train and MLflow)
     selection: str  # one of SELECTIONS
     mlflow_parent: str | None = None  # parent MLflow run (a sweep or an ablation)
+    console: Any | None = None  # the driver's console queue (cluster.console); None in a Tune trial
+    tags: dict[str, str] = field(default_factory=dict)  # MLflow tags of a new run (source, commit, recipe, ...)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -103,7 +106,7 @@ def set_rng_state(state: dict[str, torch.Tensor | None]) -> None:
 
 
 def cluster_on_actor(actor: Any, epoch: int, rank: int, world: int, num_train: int, indices: np.ndarray,
-                     encoded: Encoded) -> ClusteringResult:
+                     encoded: Encoded, console: WorkerConsole) -> ClusteringResult:
     """Submit this rank's codes and read the epoch's clustering. If the actor died on any rank's call (it is
     restarted empty), every rank agrees on that through a collective and all redo the round."""
     import ray
@@ -115,8 +118,8 @@ def cluster_on_actor(actor: Any, epoch: int, rank: int, world: int, num_train: i
             ray.get(actor.submit.remote(epoch, rank, indices, encoded.features, encoded.codes))
             result = ray.get(actor.result.remote(epoch, world, num_train))
         except (RayActorError, ActorUnavailableError) as err:
-            log.warning("rank %d: clustering round of epoch %d failed (attempt %d of %d): %s", rank, epoch + 1,
-                        attempt, CLUSTER_ATTEMPTS, str(err).splitlines()[0])
+            console.warning(f"rank {rank}: clustering round of epoch {epoch + 1} failed (attempt {attempt} of "
+                            f"{CLUSTER_ATTEMPTS}): {str(err).splitlines()[0]}")
         if all_ranks_agree(result is not None):
             return result
     raise RuntimeError(f"the clustering actor failed {CLUSTER_ATTEMPTS} rounds of epoch {epoch + 1} in a row")
@@ -129,7 +132,7 @@ class TrainWorker:
         import ray.train
         import ray.train.torch
 
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)  # Ray configures the worker's root
+        configure_logging(force=True)  # Ray configures the worker's root logger
         self.wc = wc
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -137,6 +140,7 @@ class TrainWorker:
         self.device = ray.train.torch.get_device()
         self.state: TrainState | None = None  # the last checkpoint's state (rank 0), resumed or reported
         self.logged_epochs: set[int] = set()
+        self.console = WorkerConsole(wc.console, log)
 
     # ----- setup and teardown ---------------------------------------------------------------------------------
 
@@ -168,7 +172,7 @@ class TrainWorker:
             n = min(PROBE_VIDEOS, self.num_train)
             self.probe = (torch.from_numpy(np.asarray(store.split("train").feats[:n], dtype=np.float32)),
                           store.frame_signal("train", n))
-            self._start_mlflow()
+            self._start_mlflow(store)
 
     def _resume(self, state: TrainState) -> None:
         self.model.load_state_dict(state.model)
@@ -178,10 +182,12 @@ class TrainWorker:
         if len(state.rng) == self.world:  # same world size: every rank continues its own random stream
             set_rng_state(state.rng[self.rank])
         if self.rank == 0:
-            log.info("resumed from the checkpoint of epoch %d (MLflow run %s)", state.epoch + 1, state.mlflow_run_id)
+            self.console.info(f"resumed from the checkpoint of epoch {state.epoch + 1} (MLflow run "
+                              f"{state.mlflow_run_id})")
 
-    def _start_mlflow(self) -> None:
-        """Rank 0's MLflow run: a new one, or the checkpoint's, back-filled with the epochs it lacks."""
+    def _start_mlflow(self, store: FeatureStore) -> None:
+        """Rank 0's MLflow run: a new one (config, tags, the store as its input), or the checkpoint's, back-filled
+        with the epochs it lacks."""
         from mlflow.tracking import MlflowClient
 
         from cluster import tracking
@@ -189,14 +195,17 @@ class TrainWorker:
         wc, resumed = self.wc, self.state
         active = tracking.start_run(wc.mlflow_uri, wc.experiment, run_name=wc.name,
                                     run_id=None if resumed is None else resumed.mlflow_run_id,
-                                    artifact_location=wc.mlflow_artifacts, parent_run_id=wc.mlflow_parent)
+                                    artifact_location=wc.mlflow_artifacts, parent_run_id=wc.mlflow_parent,
+                                    tags=wc.tags)
         self.run_id = active.info.run_id
         if resumed is None:
             tracking.log_config(self.cfg, {"data": wc.data, "storage_options": wc.storage_options,
                                            "world_size": self.world, "selection": wc.selection})
+            tracking.log_store_input(store)
             return
         # An epoch logged whose checkpoint Ray never registered (the job died in between) stays as logged.
-        self.logged_epochs = {m.step for m in MlflowClient().get_metric_history(self.run_id, "loss")}
+        history = MlflowClient().get_metric_history(self.run_id, "loss/total")
+        self.logged_epochs = {m.step - 1 for m in history}  # MLflow steps count epochs from 1
         for record in resumed.history:
             if record.epoch not in self.logged_epochs:
                 tracking.log_epoch(record, num_cluster=self.cfg.cluster.num_cluster)
@@ -213,12 +222,15 @@ class TrainWorker:
     def train(self) -> None:
         """Epochs ``start_epoch`` .. ``train.num_epochs - 1`` of the shared skeleton, each reported and logged."""
         epochs, start = self.cfg.train.num_epochs, time.perf_counter()
+        if self.rank == 0 and self.start_epoch < epochs:
+            self.console.info(f"{self.world} worker(s) ready on {self.device.type}: epochs {self.start_epoch + 1} "
+                              f"to {epochs}")
         for epoch in range(self.start_epoch, epochs):
             record = run_epoch(self, self.cfg, epoch, self.device)
             self._report(record)
             if self.rank == 0:
                 eta = (time.perf_counter() - start) / (epoch + 1 - self.start_epoch) * (epochs - epoch - 1)
-                log.info(epoch_line(record, epochs, eta))
+                self.console.info(epoch_line(record, epochs, eta))
 
     def _report(self, record: EpochRecord) -> None:
         """Rank 0: the epoch's checkpoint to Ray Train, then its metrics to MLflow; other ranks: the metrics."""
@@ -250,8 +262,8 @@ class TrainWorker:
             best_epoch=best[0], best_map5=best[1], best_model=best[2])
         report_checkpoint(metrics, self.state)
         if record.epoch in self.logged_epochs:
-            log.warning("epoch %d was logged to MLflow by an attempt whose checkpoint was lost; keeping those "
-                        "metrics", record.epoch + 1)
+            self.console.warning(f"epoch {record.epoch + 1} was logged to MLflow by an attempt whose checkpoint was "
+                                 "lost; keeping those metrics")
         else:
             tracking.log_epoch(record, num_cluster=self.cfg.cluster.num_cluster)
 
@@ -264,7 +276,7 @@ class TrainWorker:
         encoded, first = self._encode_block(self.model, "train")
         indices = np.arange(first, first + len(encoded.codes), dtype=np.int64)
         self.last_result = cluster_on_actor(self.wc.actor, epoch, self.rank, self.world, self.num_train, indices,
-                                            encoded)
+                                            encoded, self.console)
         return self.last_result
 
     def train_epoch(self, epoch: int, targets: ClusterTargets | None) -> EpochStats:

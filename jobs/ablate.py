@@ -9,16 +9,16 @@ not finish. Rows and details: cluster/ablate.py.
         --storage s3://bucket/ray --seeds 3 --workers 1 --gpus-per-worker 1 --mlflow-uri http://HOST:5000
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.ablate import add_arguments, run_ablation  # noqa: E402
+from cluster.cli import job_parser  # noqa: E402
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     add_arguments(parser)
     args = parser.parse_args()
     raise SystemExit(run_ablation(args.dataset, args))

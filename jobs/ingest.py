@@ -9,15 +9,15 @@ Streams in blocks of whole shards, resumes when re-run with the same arguments, 
 status 2 before writing anything (NaN/Inf is found while streaming and leaves the store incomplete).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.cli import job_parser  # noqa: E402
 from storage.ingest import add_arguments, main  # noqa: E402
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))

@@ -6,15 +6,15 @@
 Same schema, writer, resume and progress as jobs/ingest.py; the store's sources record the generator parameters.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.cli import job_parser  # noqa: E402
 from storage.synthetic_store import add_arguments, main  # noqa: E402
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))

@@ -10,17 +10,17 @@ Without ``--data`` it trains a reduced preset on a small generated ActivityNet-l
     python jobs/train_activitynet.py --name my-run                     # re-run the same name to resume it
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.cli import job_parser  # noqa: E402
 from cluster.train import add_arguments, run  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     add_arguments(parser)
     return run("activitynet", parser.parse_args())
 

@@ -9,17 +9,17 @@ on a feature store (jobs/ingest.py, jobs/make_synthetic.py) loaded into memory.
     python jobs/train_local.py --data runs/stores/fcvid-like
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.cli import job_parser  # noqa: E402
 from cluster.single_process import add_arguments, run  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     add_arguments(parser)
     return run("fcvid", parser.parse_args())
 

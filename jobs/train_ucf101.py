@@ -10,17 +10,17 @@ Without ``--data`` it trains a reduced preset on a small generated UCF101-like s
     python jobs/train_ucf101.py --name my-run                     # re-run the same name to resume it
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.cli import job_parser  # noqa: E402
 from cluster.train import add_arguments, run  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     add_arguments(parser)
     return run("ucf101", parser.parse_args())
 

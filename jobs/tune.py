@@ -6,16 +6,16 @@ set; registers the best trial's model with alias candidate. Search space and det
         --storage s3://bucket/ray --trials 32 --workers 1 --gpus-per-worker 1 --mlflow-uri http://HOST:5000
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.cli import job_parser  # noqa: E402
 from cluster.tune import add_arguments, run_sweep  # noqa: E402
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     add_arguments(parser)
     args = parser.parse_args()
     raise SystemExit(run_sweep(args.dataset, args))

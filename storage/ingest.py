@@ -1,6 +1,6 @@
 """Ingest the released feature files (or any h5/npy arrays) into a feature store.
 
-The released layouts (REFERENCE.md §2.1) are read under their released names from one folder:
+The authors' released files are read under their released names from one folder:
 
 =============  ==========================  =============================  ==============================
 dataset        train (unlabelled: zeros)    query                          database
@@ -317,7 +317,9 @@ def video_ids(split: str, start: int, stop: int) -> np.ndarray:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, choices=[*DATASET_PROTOCOLS, CUSTOM])
+    parser.add_argument("--dataset", required=True, choices=[*DATASET_PROTOCOLS, CUSTOM],
+                        help="a released dataset read from --source under its released file names, or custom "
+                        "(--train/--query/--database files and --protocol)")
     parser.add_argument("--source", type=Path, help="folder of the released files (not for custom)")
     parser.add_argument("--protocol", choices=PROTOCOLS, help="custom only: which splits are stored")
     for split in SPLITS:

@@ -218,6 +218,16 @@ class FeatureStore:
                           f"({type(err).__name__}: {err}); {where} damaged or truncated: restore it or re-run the "
                           "ingest with --overwrite")
 
+    @property
+    def is_synthetic(self) -> bool:
+        """Written by the synthetic generator (``storage.synthetic_store``), not from real features."""
+        return self.info.sources.get("kind") == "synthetic"
+
+    @property
+    def label(self) -> str:
+        """The dataset's name as a reader should see it: ``fcvid``, or ``fcvid (synthetic)`` for generated data."""
+        return f"{self.info.dataset} (synthetic)" if self.is_synthetic else self.info.dataset
+
     def eval_labels(self) -> dict[str, np.ndarray]:
         """The query and database labels evaluation compares (as the store's protocol maps them)."""
         return {name: np.asarray(self.split(name).labels[:]) for name in ("query", "database")}

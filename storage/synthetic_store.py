@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "soft frame roles that drift over time)")
     parser.add_argument("--distractor-share", type=float, default=0.0,
                         help="with --informative-share: share of frames that show a random other class each")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generator: the same seed, the same data")
     add_store_arguments(parser)
 
 

@@ -352,7 +352,7 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _progress(total: int, initial: int, desc: str) -> tqdm:
-    return tqdm(total=total, initial=initial, unit="video", desc=desc, file=sys.stderr)
+    return tqdm(total=total, initial=initial, unit="video", desc=desc, file=sys.stderr, disable=None)  # TTY only
 
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:

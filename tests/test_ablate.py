@@ -68,6 +68,13 @@ def test_table_holds_mean_and_std_the_change_against_ix_and_epochs_to_ninety_per
     assert "-54.5%" in text and "never" in text and "1.1000±0.1000" in text
 
 
+def test_table_holds_the_best_epoch_of_rows_that_peak_before_the_end():
+    trials = {"IX-s0": _trial("IX", 0, [0.2, 0.9, 0.5]), "IX-s1": _trial("IX", 1, [0.7, 0.6, 0.4])}
+    (full,) = summarise(trials, ["IX"], None)
+    assert full.peak_gmap == pytest.approx((0.8, 0.1)) and full.peak_epoch == pytest.approx(1.5)
+    assert "0.8000±0.1000    1.5" in table_text([full], "title")
+
+
 def _job(tmp: Path, store: str, *extra: str) -> list[str]:
     args = [sys.executable, str(ROOT / "jobs" / "ablate.py"), "--dataset", "ucf101", "--data", store,
             "--rows", "IX", "II", "--seeds", "2", "--epochs", "2", "--max-concurrent", "2",

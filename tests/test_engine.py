@@ -1,6 +1,8 @@
 """Engine: learning on generated data, encoding, schedule, non-finite steps, save/load safety."""
 
 
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -150,16 +152,23 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 class _Payload:
+    """Pickles to a call that would create ``marker``: what a malicious file carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (print, ("pickled code ran",))
+        return (pathlib.Path.touch, (self.marker,))
 
 
 def test_load_refuses_pickled_payload(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"config": {"dataset": "ucf101"}, "model": _Payload()}, path)
+    marker = tmp_path / "payload-ran"
+    torch.save({"config": {"dataset": "ucf101"}, "model": _Payload(marker)}, path)
     with pytest.raises(UnsafeFileError, match=r"evil.pt: cannot be loaded safely \(UnpicklingError: WeightsUnpickler "
-                       r"error: Unsupported global: GLOBAL print"):
+                       r"error: Unsupported global"):
         load_model(path)
+    assert not marker.exists()
 
 
 def test_load_rejects_a_foreign_file(tmp_path):

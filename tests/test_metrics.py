@@ -9,7 +9,6 @@ from autossvh.metrics import (
     gmap_l2,
     hamming_ranking,
     map_at_k,
-    plot_pr_curve,
     precision_recall_by_radius,
 )
 
@@ -255,18 +254,6 @@ def test_gmap_l2_reproduces_published_values() -> None:
     assert gmap_l2({5: 0.3, 20: 0.4}) == pytest.approx(0.5)
 
 
-# (f) plot
-
-
-def test_plot_pr_curve_writes_png(tmp_path) -> None:
-    q, db, lq, ldb = _tied_data(50, 200, 16, seed=7)
-    radii, prec, rec = precision_recall_by_radius(q, db, lq, ldb)
-    out = plot_pr_curve(radii, prec, rec, tmp_path / "sub" / "pr.png", title="toy")
-    assert out == tmp_path / "sub" / "pr.png"
-    data = out.read_bytes()
-    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 # (g) bad inputs
 
 
@@ -306,5 +293,3 @@ def test_other_functions_reject_bad_inputs(tmp_path) -> None:
         hamming_ranking(q, db, 7)
     with pytest.raises(ValueError, match="empty"):
         gmap_l2({})
-    with pytest.raises(ValueError, match="equally long"):
-        plot_pr_curve([0, 1], [0.5], [0.5, 1.0], tmp_path / "x.png")

@@ -47,8 +47,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
             p.zero_()
     uri = f"sqlite:///{tmp}/mlflow.db"
     tracking.start_run(uri, "tests", run_name="models", artifact_location=(tmp / "art").as_uri())
-    tracking.log_model(useless, name="useless", register=NAME)
-    tracking.log_model(trained, name="trained", register=NAME)
+    tracking.log_model(useless, step=1, name="useless", register=NAME)
+    tracking.log_model(trained, step=1, name="trained", register=NAME)
     mlflow.end_run()
     save_model(tmp / "trained.pt", trained)
     return {"tmp": tmp, "url": url, "uri": uri, "trained": trained, "cfg": cfg}
@@ -91,8 +91,10 @@ def test_evaluate_job_matches_in_process_protocol_and_writes_pr_curve(setup, tmp
     assert "GMAP(L2)" in done.stdout
     summary = json.loads((tmp_path / "eval.json").read_text())
     expected = _reference(setup["trained"], setup["url"])
-    assert {int(k): v for k, v in summary["map_at_k"].items()} == pytest.approx(expected, abs=1e-12)
-    assert (tmp_path / "eval" / "pr_curve.png").stat().st_size > 0
+    assert [r["model"] for r in summary["results"]] == [f"models:/{NAME}@candidate"]
+    assert {int(k): v for k, v in summary["results"][0]["map_at_k"].items()} == pytest.approx(expected, abs=1e-12)
+    for figure in ("pr_curve.png", "map_by_k.png"):
+        assert (tmp_path / "eval" / figure).stat().st_size > 0
 
 
 def test_evaluate_with_ray_workers_equals_one_process(ray_session, setup):

@@ -57,16 +57,16 @@ def test_two_worker_run_logs_checkpoints_and_registers(ray_session, tiny_store_u
     assert summary["model_uri"] == "models:/tiny-ucf@candidate"
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_id = summary["mlflow_run_id"]
-    assert epoch_steps(client, run_id, "loss") == [0, 1, 2]
-    assert epoch_steps(client, run_id, "map_at_5") == [1, 2]  # eval_every=2 and the last epoch
-    map5 = {m.step: m.value for m in client.get_metric_history(run_id, "map_at_5")}
+    assert epoch_steps(client, run_id, "loss/total") == [1, 2, 3]  # MLflow steps count epochs from 1
+    assert epoch_steps(client, run_id, "map/at_5") == [2, 3]  # eval_every=2 and the last epoch
+    map5 = {m.step: m.value for m in client.get_metric_history(run_id, "map/at_5")}
     assert summary["selected_epoch"] == max(map5, key=lambda step: (map5[step], -step))  # first best on a tie
     assert summary["map_at_k"]["5"] == pytest.approx(map5[summary["selected_epoch"]], abs=1e-12)
     state = torch.load(Path(summary["checkpoint"]) / "checkpoint.pt", weights_only=True)
-    assert state["best_model"] is not None and state["best_epoch"] == summary["selected_epoch"]
+    assert state["best_model"] is not None and state["best_epoch"] + 1 == summary["selected_epoch"]  # 0-based
     selected = load_model_ref(summary["checkpoint"])  # the checkpoint's selected model, as jobs/evaluate.py loads it
     assert evaluate_on_store(selected, tiny_store_url).map_at_k[5] == pytest.approx(summary["map_at_k"]["5"], abs=1e-12)
-    assert epoch_steps(client, run_id, "kmeans_objective_k5") == [1, 2]  # clustering from epoch 1
+    assert epoch_steps(client, run_id, "cluster/kmeans_objective_k5") == [2, 3]  # clustering from the 2nd epoch
     params = client.get_run(run_id).data.params
     assert params["world_size"] == "2" and params["model.nbits"] == "16"
     names = {a.path for a in client.list_artifacts(run_id)}
@@ -124,7 +124,7 @@ def test_job_killed_during_a_checkpoint_upload_resumes_cleanly(ray_session, tiny
     assert "resumed from the checkpoint" in done.stderr + done.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert epoch_steps(client, summary["mlflow_run_id"], "loss") == [0, 1, 2]
-    assert epoch_steps(client, summary["mlflow_run_id"], "map_at_5") == [0, 1, 2]
+    assert epoch_steps(client, summary["mlflow_run_id"], "loss/total") == [1, 2, 3]
+    assert epoch_steps(client, summary["mlflow_run_id"], "map/at_5") == [1, 2, 3]
     assert len(client.search_runs([client.get_experiment_by_name("tests").experiment_id])) == 1
     assert load_model_ref(str(run_dir)).cfg.model.nbits == 16  # the run folder resolves to a registered checkpoint

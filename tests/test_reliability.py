@@ -65,8 +65,8 @@ def test_a_killed_train_worker_is_replaced_from_the_last_checkpoint(ray_session,
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["epochs_run"] == 6
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert epoch_steps(client, summary["mlflow_run_id"], "loss") == list(range(6))
-    assert epoch_steps(client, summary["mlflow_run_id"], "kmeans_objective_k5") == list(range(1, 6))
+    assert epoch_steps(client, summary["mlflow_run_id"], "loss/total") == list(range(1, 7))
+    assert epoch_steps(client, summary["mlflow_run_id"], "cluster/kmeans_objective_k5") == list(range(2, 7))
 
 
 def test_the_clustering_actor_killed_during_a_round_is_restarted_and_the_round_redone(
@@ -100,7 +100,7 @@ def test_the_clustering_actor_killed_during_a_round_is_restarted_and_the_round_r
     assert "clustering round of epoch 2 failed (attempt 1 of 3)" in capfd.readouterr().err
     summary = json.loads((tmp_path / "summary.json").read_text())
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert epoch_steps(client, summary["mlflow_run_id"], "kmeans_objective_k5") == [1, 2]
+    assert epoch_steps(client, summary["mlflow_run_id"], "cluster/kmeans_objective_k5") == [2, 3]
 
 
 def test_consecutive_non_finite_losses_stop_the_run_with_its_last_good_checkpoint(

@@ -291,7 +291,7 @@ def test_search_job_encodes_features_with_a_registered_model(tmp_path: Path) -> 
     feats = feats.astype(np.float32)
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     with tracking.start_run(tracking_uri, "search", artifact_location=(tmp_path / "artifacts").as_uri()):
-        uri = tracking.log_model(model, register="autossvh-search-test")
+        uri = tracking.log_model(model, step=1, register="autossvh-search-test")
     while mlflow.active_run() is not None:
         mlflow.end_run()
     codes = tracking.packed_codes(model, feats)

@@ -64,9 +64,9 @@ def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, sto
     assert len(children) == 3
     lrs = {float(run.data.params["train.lr"]) for run in children}
     assert len(lrs) == 3  # each trial ran its own sampled configuration
-    assert all(client.get_metric_history(run.info.run_id, "map_at_5") for run in children)
+    assert all(client.get_metric_history(run.info.run_id, "map/at_5") for run in children)
     version = client.get_model_version_by_alias("tiny-sweep", "candidate")
     assert version.run_id == summary["best_run_id"] in {run.info.run_id for run in children}
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.metrics["best_map_at_5"] == pytest.approx(max(
-        run.data.metrics["map_at_5"] for run in children if run.info.status == "FINISHED"), abs=1e-9)
+        run.data.metrics["map/at_5"] for run in children if run.info.status == "FINISHED"), abs=1e-9)

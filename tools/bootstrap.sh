@@ -17,5 +17,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "bootstrap: installing the project into .venv (extras: $faiss_extra,test)" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e ".[$faiss_extra,test]"
+  .venv/bin/python -c "import matplotlib.font_manager"  # build matplotlib's font cache now, not in a job
   echo "$want" > "$stamp"
 fi
