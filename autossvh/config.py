@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -403,6 +404,11 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 
 def _validate(cfg: Config) -> None:
+    for section in _sections():
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            _require(not isinstance(value, float) or math.isfinite(value), f"{section}.{f.name}",
+                     "must be a finite number", value)
     d, m, s, lo, c, t = cfg.data, cfg.model, cfg.sampler, cfg.loss, cfg.cluster, cfg.train
     _require(d.feature_size >= 1, "data.feature_size", "must be >= 1", d.feature_size)
     _require(d.max_frames >= 2, "data.max_frames", "must be >= 2", d.max_frames)

@@ -25,9 +25,14 @@ Data: the project's synthetic FCVID-like features (``storage.synthetic``), which
 a "sparse" copy with every value below the median set to 0, as post-ReLU CNN features would be (how sparse the
 released VGG features are is not known here), to bound what compression can gain.
 
+``--checksums`` measures only what chunk checksums cost, back to back in one process: the default layout written
+as before them (zstd alone, empty chunks skipped) and as now (zstd then a crc32c per inner chunk, every chunk
+written), its write rate (the ingest's store side), TrainReader and EvalReader on each, and the readers' NaN/Inf
+check and the pre-run shard check (``verify_shards``: listing plus every shard index's crc) on their own.
+
 Usage (repo root): python -m benchmarks.bench_reader [--videos 6000] [--batch 64] [--dir /tmp/bench_reader]
-[--keep]. Needs about 22x the dataset's float16 size of disk (25 GiB at 6,000 videos) and, on 2 cores, about
-13 minutes the first time (2 minutes of writing; --keep lets a second run skip it).
+[--keep] [--checksums]. Needs about 22x the dataset's float16 size of disk (25 GiB at 6,000 videos) and, on 2
+cores, about 13 minutes the first time (2 minutes of writing; --keep lets a second run skip it).
 """
 
 from __future__ import annotations
@@ -48,9 +53,21 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+import zarr
+from zarr.codecs import ZstdCodec
 
 from storage.reader import EvalReader, TrainReader, make_loader, use_mmap_for_large_buffers
-from storage.store import StoreInfo, create_store, default_chunking, mark_complete
+from storage.store import (
+    CHUNK_CODECS,
+    WRITE_EVERY_CHUNK,
+    StoreInfo,
+    create_store,
+    default_chunking,
+    mark_complete,
+    nonfinite_rows,
+    open_store,
+    verify_shards,
+)
 from storage.synthetic import SyntheticGenerator
 
 FRAMES = 25
@@ -270,12 +287,49 @@ def peak_rss(url: str, batch: int, fixed_malloc: bool) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def checksum_cost(root: Path, source: np.ndarray, batch: int, video_bytes: int) -> None:
+    """Write the default layout without and with chunk checksums, then read both (see the module docstring)."""
+    import storage.store as store_module
+
+    variants = {"before (zstd)": ((ZstdCodec(),), {}), "now (zstd + crc32c)": (CHUNK_CODECS, WRITE_EVERY_CHUNK)}
+    paths = {}
+    for label, (codecs, config) in variants.items():
+        store_module.CHUNK_CODECS, store_module.WRITE_EVERY_CHUNK = codecs, config
+        path = root / f"zarr_checksums_{'crc' if len(codecs) > 1 else 'none'}"
+        shutil.rmtree(path, ignore_errors=True)
+        start = time.perf_counter()
+        paths[label] = write_zarr(path, source, 16, True)
+        zarr.open_array(str(path / "train" / "video_ids"), mode="r+")[:] = [f"v{i}" for i in range(len(source))]
+        seconds = time.perf_counter() - start
+        mbs = len(source) * video_bytes / seconds / 1e6
+        print(f"write {label:<24} {len(source) / seconds:>9.0f} videos/s {mbs:>7.0f} MB/s, "
+              f"{disk_bytes(path) / 2**30:.3f} GiB on disk", flush=True)
+    store_module.CHUNK_CODECS, store_module.WRITE_EVERY_CHUNK = variants["now (zstd + crc32c)"]
+    print(f"\n{'reader':<58} {'videos/s':>9} {'MB/s':>9}")
+    for _ in range(2):  # interleaved, twice
+        for label, path in paths.items():
+            measure(f"{label} TrainReader shuffled", path, train_run(path, batch), video_bytes)
+            measure(f"{label} EvalReader sequential", path, eval_run(path, batch), video_bytes)
+    chunks = [np.array(source[lo:lo + 16]) for lo in range(0, min(len(source), 1024), 16)]  # in memory, as read
+    start = time.perf_counter()
+    for chunk in chunks:
+        nonfinite_rows(chunk)
+    seconds = time.perf_counter() - start
+    print(f"\nNaN/Inf check alone (nonfinite_rows per chunk of 16 in memory): {16 * len(chunks) / seconds:.0f} "
+          "videos/s")
+    store = open_store(str(paths["now (zstd + crc32c)"]))
+    start = time.perf_counter()
+    verify_shards(store, "train")
+    print(f"verify_shards (list + every shard index crc) of {len(source)} videos: {time.perf_counter() - start:.3f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/bench_reader"))
     parser.add_argument("--keep", action="store_true", help="keep the written data for another run")
+    parser.add_argument("--checksums", action="store_true", help="only the cost of chunk checksums (docstring)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     root, batch, n = args.dir, args.batch, args.videos
@@ -287,6 +341,11 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     source = write_source(root / "source.npy", n)
+    if args.checksums:
+        checksum_cost(root, source, batch, video_bytes)
+        if not args.keep:
+            shutil.rmtree(root)
+        return
     threshold = np.float16(np.median(source[: min(n, 64)]))
     zarrs = {(chunk, compress): write_zarr(root / f"zarr_c{chunk}_{'zstd' if compress else 'none'}", source,
                                            chunk, compress) for chunk in (8, 16, 32) for compress in (True, False)}

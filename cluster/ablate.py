@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -50,10 +51,10 @@ from autossvh.config import Config, config_from_dict
 from autossvh.engine import Retrieval, evaluate_codes
 from cluster import tracking
 from cluster.cli import config_from_args
-from cluster.preflight import check_training_inputs
+from cluster.preflight import check_destinations, check_training_inputs
 from cluster.runtime import absolute_path, configure_logging, init_ray, mlflow_locations, trial_resources
 from cluster.train import add_arguments as add_train_arguments
-from cluster.train import log_result_files, make_trainer, read_final_checkpoint, resolve_data, start_actor
+from cluster.train import fit_trial, resolve_data
 from storage.schema import queries_are_database
 from storage.store import open_store
 
@@ -147,7 +148,6 @@ def read_trials(results: str) -> dict[str, TrialResult]:
 
 def _trial(params: dict[str, Any], ablation: dict[str, Any]) -> dict[str, float]:
     """One trial: a TorchTrainer on the store, its epochs forwarded to Tune, its result written to a file."""
-    import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
     configure_logging(force=True)
@@ -156,16 +156,8 @@ def _trial(params: dict[str, Any], ablation: dict[str, Any]) -> dict[str, float]
     cfg = config_from_dict(ablation["configs"][key])
     args = argparse.Namespace(**ablation["args"])
     name = f"{ablation['name']}-{key}"
-    actor = start_actor(cfg, args, name)
-    try:
-        trainer = make_trainer(cfg, ablation["data"], ablation["options"], args, name, actor,
-                               callbacks=[TuneReportCallback()], mlflow_parent=ablation["parent_run_id"])
-        result = trainer.fit()
-    finally:
-        ray.kill(actor)
-    mlflow_uri, _ = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
-    done = read_final_checkpoint(result.checkpoint, cfg)
-    log_result_files(done, cfg, mlflow_uri, args.experiment, f"{ablation['label']}, row {row}, seed {seed}")
+    done = fit_trial(cfg, args, ablation, name, [TuneReportCallback()],
+                     f"{ablation['label']}, row {row}, seed {seed}")
     gmap_by_epoch = {r.epoch + 1: r.retrieval.gmap_l2 for r in done.history if r.retrieval is not None}
     trial = TrialResult(row, seed, dict(done.retrieval.map_at_k), done.retrieval.gmap_l2, gmap_by_epoch,
                         done.mlflow_run_id, cfg.to_dict())
@@ -335,6 +327,9 @@ def plan_ablation(dataset: str, args: argparse.Namespace) -> AblationPlan:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     name = args.name or f"{dataset}-ablation"
+    mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
+    check_destinations(args.storage, name, mlflow_uri, artifacts)
+    tracking.check_reachable(mlflow_uri)
     args.overrides = [*args.overrides, f"train.eval_every={args.eval_every}"]
     url, options, base_overrides, store = resolve_data(dataset, args)
     configs = {}
@@ -349,8 +344,6 @@ def plan_ablation(dataset: str, args: argparse.Namespace) -> AblationPlan:
         if key in configs and trial.config != configs[key]:
             raise ValueError(f"trial {key} of ablation {name!r} was run with another configuration (in "
                              f"{root}/trials/{key}.json); use another --name, or the settings it ran with")
-    mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
-    tracking.check_reachable(mlflow_uri)
     return AblationPlan(name, rows, url, store.label, options, config_from_args(dataset, args, base_overrides),
                         configs, root, finished, mlflow_uri, artifacts)
 
@@ -367,8 +360,8 @@ def run_trials(plan: AblationPlan, args: argparse.Namespace, parent_run_id: str)
     args.storage, args.mlflow_uri, args.mlflow_artifacts = storage, plan.mlflow_uri, plan.artifacts  # trial folders
     ablation = {"configs": plan.configs, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in
                                                    vars(args).items()},
-                "data": plan.url, "options": plan.options, "name": plan.name, "parent_run_id": parent_run_id,
-                "results": plan.results, "label": plan.label}
+                "url": plan.url, "options": plan.options, "name": plan.name, "parent_run_id": parent_run_id,
+                "results": plan.results, "label": plan.label, "script": sys.argv[0]}
     tuner = tune.Tuner(
         tune.with_parameters(_trial, ablation=ablation),
         param_space={"trial": tune.grid_search(pending)},

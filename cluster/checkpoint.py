@@ -129,22 +129,24 @@ def latest_checkpoint_file(run_dir: str) -> str | None:
     return f"{run_dir.rstrip('/')}/{latest['checkpoint_dir_name']}/{CHECKPOINT_FILE}"
 
 
-def check_resume_compatible(storage: str, name: str, cfg: Config) -> None:
+def check_resume_compatible(storage: str, name: str, cfg: Config) -> str | None:
     """Refuse to resume run ``name`` with a model or data shape other than its checkpoint's (bits, sizes, frames):
-    the weights would not load. Other settings (epochs, learning rate, ...) may change between attempts."""
+    the weights would not load. Other settings (epochs, learning rate, ...) may change between attempts. Returns
+    the checkpoint's MLflow run id, None when the run has no checkpoint yet."""
     import fsspec
 
     checkpoint = latest_checkpoint_file(f"{absolute_path(storage).rstrip('/')}/{name}")
     if checkpoint is None:
-        return
+        return None
     with fsspec.open(checkpoint, "rb") as f:
-        saved = load_state(f, checkpoint)["config"]
-    now = cfg.to_dict()
+        state = load_state(f, checkpoint)
+    saved, now = state["config"], cfg.to_dict()
     differs = [f"{section}.{key}={saved[section].get(key)!r} (now {now[section][key]!r})"
                for section in ("data", "model") for key in now[section] if saved[section].get(key) != now[section][key]]
     if differs:
         raise ValueError(f"run {name!r} in {storage} has a checkpoint of another model: {', '.join(differs)}; use "
                          "another --name (or --storage) to start a new run, or the same settings to resume it")
+    return state["mlflow_run_id"]
 
 
 def _result_state(result: ClusteringResult | None) -> dict[str, Any] | None:

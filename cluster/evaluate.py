@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cluster import plots
 from cluster.cli import add_model_arguments
+from cluster.preflight import check_evaluation_inputs
 from cluster.results import map_table_dict, write_result_files
 from cluster.retrieval import evaluate_on_store, load_model_ref
 from cluster.runtime import absolute_uri, configure_logging, init_ray
@@ -34,7 +35,9 @@ def main(args: argparse.Namespace) -> int:
     curves = []
     try:
         options = storage_options_from(args.storage_options)
-        label = open_store(args.data, options).label
+        store = open_store(args.data, options)
+        check_evaluation_inputs(store)
+        label = store.label
         if args.workers > 0:
             init_ray(args.workers + 1, args.num_cpus, args.verbose)
         for ref in args.model:

@@ -1,21 +1,26 @@
 """Checks the driver runs before Ray starts: bad input fails in seconds with an error naming the key, split or file.
 
-Each check raises a ``ValueError`` subclass (:class:`PreflightError` for a config that cannot train on this store,
-:class:`~storage.store.StoreError` for a damaged or inconsistent store), which the training entry turns into exit
-status 2 before anything is started or written. What is already refused elsewhere: an incomplete or missing
-store and an empty split (``storage.store.open_store``), ``model.nbits`` not a multiple of 8 and other bad
-values (``autossvh.config``), NaN/Inf features (the store writer, while ingesting or generating).
+Each check raises a ``ValueError`` subclass (:class:`PreflightError` for a config that cannot train on this store
+or a destination that cannot be written, :class:`~storage.store.StoreError` for a damaged or inconsistent store),
+which the training entry turns into exit status 2 before anything is started or written. What is already refused
+elsewhere: an incomplete or missing store and an empty split (``storage.store.open_store``), ``model.nbits`` not
+a multiple of 8, non-finite numbers and other bad values (``autossvh.config``), NaN/Inf features (the store
+writer, while ingesting or generating; every reader, where they were written past it), damage inside a chunk
+(its checksum, where it is read).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from autossvh.config import Config, load_yaml, parse_overrides
+from autossvh.metrics import DEFAULT_KS
 from storage.reader import videos_per_rank
 from storage.schema import stored_split
 from storage.store import READ_ERRORS, FeatureStore, StoreError, StoreInfo, verify_shards
@@ -63,9 +68,58 @@ def check_training_inputs(cfg: Config, store: FeatureStore, world_size: int) -> 
     check_store_shape(cfg, store.info, store.url)
     check_batch_size(cfg, store, world_size)
     check_num_clusters(cfg, store)
+    check_evaluation_inputs(store)
+
+
+def check_evaluation_inputs(store: FeatureStore) -> None:
+    """What evaluating on ``store`` needs: every shard file of every stored split present with an intact index,
+    a database at least as large as the largest K of mAP@K, and a label for every query and database video."""
     for split in dict.fromkeys(stored_split(store.info.protocol, s) for s in ("train", "query", "database")):
         verify_shards(store, split)
+    check_database_size(store)
     check_eval_labels(store)
+
+
+def check_database_size(store: FeatureStore) -> None:
+    """The published protocol ranks the top K in {5, ..., 100} of the database: refuse a smaller database."""
+    n, k = store.num_videos("database"), max(DEFAULT_KS)
+    if n < k:
+        stored = stored_split(store.info.protocol, "database")
+        raise StoreError(f"{store.url}: the database (split {stored!r}) holds {n} videos, but the protocol's mAP@K "
+                         f"needs at least K = {k}; add videos to the database split")
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one folder inside --storage: no path separators, no '..', not absolute, not empty."""
+    if name in ("", ".") or ".." in name or "/" in name or "\\" in name or name.startswith("~"):
+        raise PreflightError(f"--name {name!r}: a run name is one folder name inside --storage: use letters, digits, "
+                             "'-', '_' and '.', without '/', '\\', '..' or a leading '~'")
+
+
+def check_writable_folder(path: str | Path, what: str) -> None:
+    """That the local folder ``path`` can be written, or created where it is missing: a file is written (then
+    deleted) in it or in its nearest existing parent; nothing is left behind."""
+    folder = Path(path).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise PreflightError(f"{what} {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise PreflightError(f"{what} {folder}: cannot write in {existing} ({err.strerror or err})") from None
+
+
+def check_destinations(storage: str, name: str, mlflow_uri: str, artifacts: str) -> None:
+    """Where a run writes, checked before Ray starts: its name stays inside ``storage``; ``storage``, the MLflow
+    SQLite file's folder and the artifact folder (the local ones) can be written."""
+    check_run_name(name)
+    if "://" not in storage:
+        check_writable_folder(storage, "--storage")
+    if mlflow_uri.startswith("sqlite:///"):
+        check_writable_folder(Path(mlflow_uri.removeprefix("sqlite:///")).parent, "--mlflow-uri: the SQLite folder")
+    if artifacts.startswith("file://"):
+        check_writable_folder(artifacts.removeprefix("file://"), "--mlflow-artifacts")
 
 
 def per_rank_batch_size(batch_size: int, world_size: int) -> int:

@@ -36,7 +36,12 @@ def mlflow_locations(tracking_uri: str, artifacts: str) -> tuple[str, str]:
     a new experiment (a local folder as a ``file://`` URI)."""
     uri = absolute_uri(tracking_uri)
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--mlflow-uri {tracking_uri}: cannot create the folder {folder} "
+                             f"({err.strerror or err})") from None
     return uri, artifacts if "://" in artifacts else Path(artifacts).resolve().as_uri()
 
 

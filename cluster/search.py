@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,8 +71,9 @@ def load_features(path: Path) -> np.ndarray:
     """Frame features from a ``.npy`` file as float32 (N, T, F); one video (T, F) becomes N = 1."""
     try:
         feats = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise SourceError(f"--features {path}: cannot read it as a .npy array ({err})") from err
+    except (OSError, ValueError, EOFError) as err:  # EOFError: an empty or cut-off file
+        raise SourceError(f"--features {path}: cannot read it as a .npy array ({type(err).__name__}: "
+                          f"{err or 'the file ends early'})") from None
     if feats.ndim == 2:
         feats = feats[None]
     if feats.ndim != 3 or 0 in feats.shape or not np.issubdtype(feats.dtype, np.floating):
@@ -80,6 +82,16 @@ def load_features(path: Path) -> np.ndarray:
     if not np.isfinite(feats).all():
         raise SourceError(f"--features {path}: holds NaN or Inf")
     return feats.astype(np.float32, copy=False)
+
+
+def check_feature_shape(model: Any, feats: np.ndarray, model_uri: str) -> None:
+    """Refuse features whose (T, F) differ from the model's input signature, naming both."""
+    schema = model.metadata.get_input_schema()
+    spec = schema.inputs[0] if schema is not None and schema.inputs else None
+    expected = tuple(getattr(spec, "shape", ()) or ())[1:]
+    if expected and tuple(feats.shape[1:]) != expected:
+        raise SourceError(f"--features: videos of {feats.shape[1]} frames x {feats.shape[2]} dims, but the model "
+                          f"{model_uri} takes {expected[0]} frames x {expected[1]} dims")
 
 
 def model_codes(model_uri: str, feats: np.ndarray, tracking_uri: str) -> np.ndarray:
@@ -96,9 +108,16 @@ def model_codes(model_uri: str, feats: np.ndarray, tracking_uri: str) -> np.ndar
         raise SourceError(str(err)) from None
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        codes = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(feats))
+        model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as err:
         raise SourceError(f"--model {model_uri} (tracking URI {redact_url(tracking_uri)}): {err}") from None
+    check_feature_shape(model, feats, model_uri)
+    try:
+        codes = np.asarray(model.predict(feats))
+    except (MlflowException, RuntimeError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise SourceError(f"--model {model_uri}: cannot encode the features of shape {feats.shape}: "
+                          f"{first_line}") from None
     if codes.dtype != np.uint8 or codes.shape[:1] != feats.shape[:1] or codes.ndim != 2:
         raise SourceError(f"--model {model_uri}: expected packed uint8 codes of shape ({len(feats)}, nbits / 8), "
                           f"got {codes.dtype} of shape {codes.shape}")

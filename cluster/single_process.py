@@ -20,6 +20,7 @@ from autossvh.baselines import random_projection_codes
 from autossvh.engine import Retrieval, evaluate_codes, save_model
 from autossvh.trainer import RetrievalData, fit
 from cluster.cli import REDUCED_PRESET, add_config_arguments, config_from_args
+from cluster.preflight import check_training_inputs
 from cluster.results import write_result_files
 from cluster.runtime import configure_logging
 from storage.schema import stored_split
@@ -28,7 +29,6 @@ from storage.synthetic import make_synthetic
 from storage.writer import storage_options_from
 
 log = logging.getLogger(__name__)
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,14 +87,15 @@ def run(dataset: str, args: argparse.Namespace) -> int:
         else:
             overrides.append(f"data.feature_size={args.feature_dim}")
         cfg = config_from_args(dataset, args, overrides)
-    except ValueError as err:  # ConfigError, StoreError, a bad --storage-option
+        if store is not None:
+            check_training_inputs(cfg, store, world_size=1)
+            log.info("loading %s (%s protocol) into memory", args.data, store.info.protocol)
+            data = store_data(store)
+        else:
+            data = synthetic_data(dataset, args, cfg.data.feature_size, cfg.data.max_frames)
+    except ValueError as err:  # ConfigError, StoreError (damaged, missing, NaN), PreflightError, --storage-option
         log.error("%s", err)
         return 2
-    if store is not None:
-        log.info("loading %s (%s protocol) into memory", args.data, store.info.protocol)
-        data = store_data(store)
-    else:
-        data = synthetic_data(dataset, args, cfg.data.feature_size, cfg.data.max_frames)
     baseline = projection_baseline(data, cfg.model.nbits)
     log.info("training %s recipe, %d bits, %d epochs on %s", cfg.recipe, cfg.model.nbits, cfg.train.num_epochs,
              args.device)

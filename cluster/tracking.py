@@ -159,22 +159,47 @@ def start_run(
     with ``parent_run_id`` is that run's child (a sweep's trial); ``tags`` are set on a new run (MLflow's
     ``mlflow.source.name`` among them replaces the process's own script, a Ray worker's).
     """
+    if run_id is not None:
+        return continue_run(tracking_uri, run_id, timeout)
     check_reachable(tracking_uri, timeout)
     mlflow.set_tracking_uri(tracking_uri)
-    if run_id is not None:
-        log.debug("MLflow: continuing run %s in %s", run_id, redact_url(tracking_uri))
-        return mlflow.start_run(run_id=run_id)
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = (
-        found.experiment_id if found is not None
-        else client.create_experiment(experiment, artifact_location=artifact_location)
-    )
+    experiment_id = _experiment_id(MlflowClient(tracking_uri), experiment, artifact_location)
     active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
                               tags=dict(tags or {}))
     log.debug("MLflow: run %s (%s) in experiment %r at %s", active.info.run_id, run_name, experiment,
               redact_url(tracking_uri))
     return active
+
+
+def continue_run(tracking_uri: str, run_id: str, timeout: float = 5.0) -> mlflow.ActiveRun:
+    """Make run ``run_id`` the active run again (its metric history continues); a context manager."""
+    check_reachable(tracking_uri, timeout)
+    mlflow.set_tracking_uri(tracking_uri)
+    log.debug("MLflow: continuing run %s in %s", run_id, redact_url(tracking_uri))
+    return mlflow.start_run(run_id=run_id)
+
+
+def create_run(tracking_uri: str, experiment: str, run_name: str, *, artifact_location: str | None = None,
+               parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+    """A new run, left RUNNING and not active in this process: the driver creates it, so that every attempt of
+    a Train run (Ray's retries) logs to the same run, and the driver can mark it FAILED."""
+    check_reachable(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    tags = {**(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    return client.create_run(_experiment_id(client, experiment, artifact_location), tags=tags,
+                             run_name=run_name).info.run_id
+
+
+def _experiment_id(client: MlflowClient, experiment: str, artifact_location: str | None) -> str:
+    """The id of ``experiment``, created (with ``artifact_location``) when missing."""
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found is not None else client.create_experiment(
+        experiment, artifact_location=artifact_location)
+
+
+def mark_failed(tracking_uri: str, run_id: str) -> None:
+    """End run ``run_id`` as FAILED (a run whose training failed must not look finished or still running)."""
+    MlflowClient(tracking_uri).set_terminated(run_id, "FAILED")
 
 
 def git_commit(root: Path) -> str | None:

@@ -1,8 +1,10 @@
 """Distributed training of a dataset preset with Ray Train: the driver every ``jobs/train_<dataset>.py`` calls.
 
-The driver builds the config and checks the inputs before Ray starts, starts (or connects to) Ray, creates the
-run's clustering actor and fits a ``TorchTrainer`` whose workers run ``cluster.worker.TrainWorker``. Re-running
-with the same ``--name`` and ``--storage`` resumes from the latest checkpoint and continues the same MLflow run.
+The driver builds the config and checks the inputs and destinations before Ray starts (:func:`prepare_run`),
+creates the run's MLflow run (every attempt of the Train run logs to it; a failed run is marked FAILED), starts
+(or connects to) Ray, creates the run's clustering actor and fits a ``TorchTrainer`` whose workers run
+``cluster.worker.TrainWorker``. Re-running with the same ``--name`` and ``--storage`` resumes from the latest
+checkpoint and continues the same MLflow run.
 When the workers are done, the driver reads the final checkpoint (:func:`read_final_checkpoint`), logs the
 result files and the pyfunc model to the run's MLflow run, registers it, and prints the mAP@K table.
 
@@ -31,9 +33,9 @@ from autossvh.config import Config
 from autossvh.engine import Retrieval
 from autossvh.model import AutoSSVH
 from autossvh.trainer import EpochRecord
-from cluster.checkpoint import CHECKPOINT_FILE, TrainState, check_resume_compatible
+from cluster.checkpoint import CHECKPOINT_FILE, TrainState, check_resume_compatible, latest_checkpoint_file
 from cluster.cli import REDUCED_PRESET, add_config_arguments, add_verbose_argument, config_from_args
-from cluster.preflight import check_store_shape, check_training_inputs, requested_data_shape
+from cluster.preflight import check_destinations, check_store_shape, check_training_inputs, requested_data_shape
 from cluster.runtime import absolute_path, configure_logging, init_ray, mlflow_locations
 from cluster.worker import SELECTIONS, WorkerConfig, train_loop_per_worker
 from storage.store import FeatureStore, open_store
@@ -110,18 +112,17 @@ def resolve_run(dataset: str, args: argparse.Namespace) -> tuple[Config, str, di
 
 
 def make_trainer(cfg: Config, url: str, options: dict[str, Any], args: argparse.Namespace, name: str, actor: Any,
-                 *, callbacks: list[Any] | None = None, mlflow_parent: str | None = None, console: Any = None,
-                 tags: dict[str, str] | None = None) -> Any:
-    """The TorchTrainer of one training run (``args``: the options of :func:`add_arguments`); ``console``: the
-    queue the driver prints the workers' messages from (``cluster.console``); ``tags``: of a new MLflow run."""
+                 mlflow_run_id: str, *, callbacks: list[Any] | None = None, console: Any = None) -> Any:
+    """The TorchTrainer of one training run (``args``: the options of :func:`add_arguments`): every attempt logs
+    to the MLflow run ``mlflow_run_id``; ``console``: the queue the driver prints the workers' messages from
+    (``cluster.console``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
+    mlflow_uri, _ = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
     worker = WorkerConfig(config=cfg.to_dict(), data=url, storage_options=options, actor=actor,
-                          loader_workers=args.loader_workers, mlflow_uri=mlflow_uri, mlflow_artifacts=artifacts,
-                          experiment=args.experiment, name=name, selection=args.selection,
-                          mlflow_parent=mlflow_parent, console=console, tags=tags or {})
+                          loader_workers=args.loader_workers, mlflow_uri=mlflow_uri, mlflow_run_id=mlflow_run_id,
+                          selection=args.selection, console=console)
     use_gpu = args.gpus_per_worker > 0
     resources = {"CPU": args.cpus_per_worker} | ({"GPU": args.gpus_per_worker} if use_gpu else {})
     return TorchTrainer(
@@ -168,6 +169,34 @@ def read_final_checkpoint(checkpoint: Any, cfg: Config) -> FinishedRun:
                        state.mlflow_run_id, checkpoint.path, state.history)
 
 
+def fit_trial(cfg: Config, args: argparse.Namespace, data: dict[str, Any], name: str, callbacks: list[Any],
+              title: str) -> FinishedRun:
+    """One Tune trial's Train run (a sweep's or an ablation's): its MLflow run, a child of ``data["parent_run_id"]``
+    created here (or the checkpoint's when the trial resumes) and marked FAILED if the fit fails; the fit; the
+    result files. ``data``: the store URL, options, label and job script under "url", "options", "label" and
+    "script"."""
+    import ray
+
+    from cluster import tracking
+
+    mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
+    run_id = check_resume_compatible(args.storage, name, cfg) or tracking.create_run(
+        mlflow_uri, args.experiment, name, artifact_location=artifacts, parent_run_id=data["parent_run_id"],
+        tags=tracking.run_tags(data["script"], data["label"], cfg))
+    actor = start_actor(cfg, args, name)
+    try:
+        trainer = make_trainer(cfg, data["url"], data["options"], args, name, actor, run_id, callbacks=callbacks)
+        result = trainer.fit()
+    except Exception:
+        tracking.mark_failed(mlflow_uri, run_id)
+        raise
+    finally:
+        ray.kill(actor)
+    done = read_final_checkpoint(result.checkpoint, cfg)
+    log_result_files(done, cfg, mlflow_uri, args.experiment, title)
+    return done
+
+
 def log_result_files(done: FinishedRun, cfg: Config, mlflow_uri: str, experiment: str, title: str) -> None:
     """The mAP table, PR and training curves and the sampler figure, logged to the run's MLflow run."""
     from cluster import tracking
@@ -204,19 +233,49 @@ def _write_summary(path: Path, dataset: str, cfg: Config, done: FinishedRun, mod
     path.write_text(json.dumps(summary, indent=2))
 
 
+@dataclass
+class PreparedRun:
+    """A training run checked before Ray starts: config, data, name and where it writes."""
+
+    cfg: Config
+    url: str
+    options: dict[str, Any]
+    label: str  # the dataset as a reader should see it
+    name: str
+    mlflow_uri: str
+    artifacts: str
+    resumed_mlflow_run: str | None  # the MLflow run of the checkpoint to resume, None for a new run
+
+
+def prepare_run(dataset: str, args: argparse.Namespace) -> PreparedRun:
+    """Every check of inputs and destinations (raises ValueError or TrackingError naming the problem)."""
+    from cluster import tracking
+
+    cfg, url, options, store = resolve_run(dataset, args)
+    name = args.name or f"{dataset}{'-synthetic' if store.is_synthetic else ''}-{cfg.model.nbits}bits-{cfg.recipe}"
+    mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
+    check_destinations(args.storage, name, mlflow_uri, artifacts)
+    tracking.check_reachable(mlflow_uri)
+    resumed = check_resume_compatible(args.storage, name, cfg)
+    return PreparedRun(cfg, url, options, store.label, name, mlflow_uri, artifacts, resumed)
+
+
+def failure_hint(storage: str, name: str) -> str:
+    """What a failed run leaves: its last checkpoint (to resume from) or none."""
+    run_dir = f"{absolute_path(storage).rstrip('/')}/{name}"
+    if latest_checkpoint_file(run_dir) is None:
+        return f"no checkpoint was written under {run_dir}; re-running the same command starts the run again"
+    return f"the last checkpoint is kept under {run_dir}; re-run the same command to resume from it"
+
+
 def run(dataset: str, args: argparse.Namespace) -> int:
     """Train ``dataset`` with Ray Train per ``args`` (see :func:`add_arguments`); returns the exit code."""
     from cluster import tracking
 
     configure_logging(args.verbose)
     try:
-        cfg, url, options, store = resolve_run(dataset, args)
-        label = store.label
-        name = args.name or f"{dataset}{'-synthetic' if store.is_synthetic else ''}-{cfg.model.nbits}bits-{cfg.recipe}"
-        check_resume_compatible(args.storage, name, cfg)
-        mlflow_uri, _ = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
-        tracking.check_reachable(mlflow_uri)
-    except (ValueError, tracking.TrackingError) as err:  # bad config, store, option, checkpoint; MLflow down
+        prepared = prepare_run(dataset, args)
+    except (ValueError, tracking.TrackingError) as err:  # bad config, store, option, name, checkpoint; MLflow down
         log.error("%s", err)
         return 2
     import ray
@@ -224,27 +283,32 @@ def run(dataset: str, args: argparse.Namespace) -> int:
 
     from cluster.console import fit_showing_progress, new_console_queue
 
-    log.info("training %s, %s recipe, %d bits, %d epochs, on %d worker(s); run %r in %s", label, cfg.recipe,
+    cfg, name, mlflow_uri = prepared.cfg, prepared.name, prepared.mlflow_uri
+    log.info("training %s, %s recipe, %d bits, %d epochs, on %d worker(s); run %r in %s", prepared.label, cfg.recipe,
              cfg.model.nbits, cfg.train.num_epochs, args.workers, name, args.storage)
+    run_id = prepared.resumed_mlflow_run or tracking.create_run(
+        mlflow_uri, args.experiment, name, artifact_location=prepared.artifacts,
+        tags=tracking.run_tags(sys.argv[0], prepared.label, cfg))
     init_ray(int(args.workers * args.cpus_per_worker) + 1, args.num_cpus, args.verbose)
     actor, console = start_actor(cfg, args, name), new_console_queue()
-    trainer = make_trainer(cfg, url, options, args, name, actor, console=console,
-                           tags=tracking.run_tags(sys.argv[0], label, cfg))
+    trainer = make_trainer(cfg, prepared.url, prepared.options, args, name, actor, run_id, console=console)
     start = time.perf_counter()
     try:
         result = fit_showing_progress(trainer, console)
     except TrainingFailedError as err:
+        tracking.mark_failed(mlflow_uri, run_id)
         log.error("training failed: %s", err)
-        log.error("the last checkpoint is kept under %s/%s; re-run the same command to resume from it",
-                  args.storage, name)
+        log.error("%s", failure_hint(args.storage, name))
         return 1
     finally:
         ray.kill(actor)
     wall = time.perf_counter() - start
     if result.checkpoint is None:
+        tracking.mark_failed(mlflow_uri, run_id)
         log.error("the run ended without a checkpoint")
         return 1
     done = read_final_checkpoint(result.checkpoint, cfg)
+    label, url = prepared.label, prepared.url
     title = f"{label}, {cfg.model.nbits} bits, {cfg.recipe} recipe, epoch {done.selected_epoch + 1} ({args.selection})"
     log_result_files(done, cfg, mlflow_uri, args.experiment, title)
     register = args.register or (None if args.data else f"autossvh-{dataset}-synthetic")

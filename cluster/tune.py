@@ -34,21 +34,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 from autossvh.config import Config, config_from_dict, set_value
 from cluster import tracking
-from cluster.preflight import check_training_inputs
+from cluster.preflight import check_destinations, check_training_inputs
 from cluster.runtime import absolute_path, configure_logging, init_ray, mlflow_locations, trial_resources
 from cluster.train import add_arguments as add_train_arguments
 from cluster.train import (
+    fit_trial,
     log_and_register,
-    log_result_files,
-    make_trainer,
     read_final_checkpoint,
     resolve_run,
-    start_actor,
 )
 from storage.validation import carve_validation_store
 
@@ -87,7 +86,6 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
 
 def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     """One trial: a TorchTrainer on the validation store, its epochs forwarded to Tune."""
-    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -95,16 +93,8 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     cfg = trial_config(sweep["config"], params)
     args = argparse.Namespace(**sweep["args"])
     name = f"{sweep['name']}-{tune.get_context().get_trial_id()}"
-    actor = start_actor(cfg, args, name)
-    try:
-        trainer = make_trainer(cfg, sweep["data"], sweep["options"], args, name, actor,
-                               callbacks=[TuneReportCallback()], mlflow_parent=sweep["parent_run_id"])
-        result = trainer.fit()
-    finally:
-        ray.kill(actor)
-    mlflow_uri, _ = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
     title = f"{sweep['label']} (validation), {cfg.model.nbits} bits, trial {name}"
-    log_result_files(read_final_checkpoint(result.checkpoint, cfg), cfg, mlflow_uri, args.experiment, title)
+    fit_trial(cfg, args, sweep, name, [TuneReportCallback()], title)
 
 
 def sweep_tuner(cfg: Config, sweep: dict[str, Any], args: argparse.Namespace, concurrent: int) -> Any:
@@ -157,11 +147,12 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
         cfg, url, options, source = resolve_run(dataset, args)
         label = source.label
         storage = absolute_path(args.storage)
+        mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
+        check_destinations(storage, name, mlflow_uri, artifacts)
+        tracking.check_reachable(mlflow_uri)
         val_url = f"{storage.rstrip('/')}/validation/{dataset}-{name}-f{args.val_fraction}-s{args.seed}"
         store = carve_validation_store(url, val_url, args.val_fraction, args.seed, options)
         check_training_inputs(cfg, store, args.workers)
-        mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
-        tracking.check_reachable(mlflow_uri)
     except (ValueError, tracking.TrackingError) as err:
         log.error("%s", err)
         return 2
@@ -175,9 +166,8 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     # Trials run in their own working folders: every path they get is absolute.
     args.storage, args.mlflow_uri, args.mlflow_artifacts = storage, mlflow_uri, artifacts
     trial_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    sweep = {"config": cfg.to_dict(), "args": trial_args, "data": val_url, "options": options, "name": name,
-             "label": label,
-             "parent_run_id": parent_run_id}
+    sweep = {"config": cfg.to_dict(), "args": trial_args, "url": val_url, "options": options, "name": name,
+             "label": label, "script": sys.argv[0], "parent_run_id": parent_run_id}
     log.info("sweep %r: %d trials, %d at a time, %d worker(s) x %.3g GPU each, validation store %s", name,
              args.trials, concurrent, args.workers, args.gpus_per_worker, val_url)
     grid = sweep_tuner(cfg, sweep, args, concurrent).fit()

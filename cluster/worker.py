@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +76,9 @@ class WorkerConfig:
     actor: Any  # the run's ClusteringActor handle
     loader_workers: int
     mlflow_uri: str
-    mlflow_artifacts: str
-    experiment: str
-    name: str  # run name (Ray Train and MLflow)
+    mlflow_run_id: str  # the run the driver created for the Train run: every attempt continues it
     selection: str  # one of SELECTIONS
-    mlflow_parent: str | None = None  # parent MLflow run (a sweep or an ablation)
     console: Any | None = None  # the driver's console queue (cluster.console); None in a Tune trial
-    tags: dict[str, str] = field(default_factory=dict)  # MLflow tags of a new run (source, commit, recipe, ...)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -186,17 +182,14 @@ class TrainWorker:
                               f"{state.mlflow_run_id})")
 
     def _start_mlflow(self, store: FeatureStore) -> None:
-        """Rank 0's MLflow run: a new one (config, tags, the store as its input), or the checkpoint's, back-filled
-        with the epochs it lacks."""
+        """Rank 0 continues the run the driver created: on a fresh start it logs the config and the store as its
+        input; resuming a checkpoint, it back-fills the epochs the run lacks."""
         from mlflow.tracking import MlflowClient
 
         from cluster import tracking
 
         wc, resumed = self.wc, self.state
-        active = tracking.start_run(wc.mlflow_uri, wc.experiment, run_name=wc.name,
-                                    run_id=None if resumed is None else resumed.mlflow_run_id,
-                                    artifact_location=wc.mlflow_artifacts, parent_run_id=wc.mlflow_parent,
-                                    tags=wc.tags)
+        active = tracking.continue_run(wc.mlflow_uri, resumed.mlflow_run_id if resumed else wc.mlflow_run_id)
         self.run_id = active.info.run_id
         if resumed is None:
             tracking.log_config(self.cfg, {"data": wc.data, "storage_options": wc.storage_options,

@@ -28,7 +28,17 @@ import numpy as np
 import zarr
 
 from storage.store import ATTRIBUTE as FEATURE_ATTRIBUTE
-from storage.store import IncompleteStoreError, StoreError, zarr_store
+from storage.store import (
+    CHUNK_CODECS,
+    READ_ERRORS,
+    WRITE_EVERY_CHUNK,
+    IncompleteStoreError,
+    StoreError,
+    StrictStore,
+    has_chunk_checksums,
+    read_failure,
+    zarr_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +124,13 @@ def create_code_store(
         raise StoreError(f"{url}: something that is not a code store is already there (pass overwrite to replace "
                          "it)") from err
     rows = min(chunk_rows, num_videos)
+    every = {"compressors": CHUNK_CODECS, "config": WRITE_EVERY_CHUNK}  # checksummed; a missing chunk is damage
     group.create_array("codes", shape=(num_videos, info.nbytes), dtype="uint8", chunks=(rows, info.nbytes),
-                       fill_value=0)
-    group.create_array("video_ids", shape=(num_videos,), dtype=str, chunks=(rows,))
+                       fill_value=0, **every)
+    group.create_array("video_ids", shape=(num_videos,), dtype=str, chunks=(rows,), **every)
     if num_classes is not None:
         group.create_array("labels", shape=(num_videos, num_classes), dtype="uint8", chunks=(rows, num_classes),
-                           fill_value=0)
+                           fill_value=0, **every)
     group.attrs[CODE_ATTRIBUTE] = info.to_dict()
     return CodeStoreWriter(url, info, storage_options)
 
@@ -223,20 +234,28 @@ class CodeStore:
     def __len__(self) -> int:
         return self.info.count
 
+    def _read(self, name: str) -> np.ndarray:
+        """The whole array ``name``; a damaged or missing chunk raises StoreError naming it."""
+        try:
+            return np.asarray(self.group[name][:])
+        except READ_ERRORS as err:
+            raise StoreError(f"{self.url}: cannot read its {name} ({read_failure(err)}): the code store is damaged; "
+                             "re-run jobs/encode.py to write it again") from None
+
     @cached_property
     def codes(self) -> np.ndarray:
         """(N, nbits / 8) uint8 packed codes."""
-        return np.asarray(self.group["codes"][:], dtype=np.uint8)
+        return self._read("codes").astype(np.uint8, copy=False)
 
     @cached_property
     def video_ids(self) -> np.ndarray:
         """(N,) video ids, as strings."""
-        return np.asarray(self.group["video_ids"][:])
+        return self._read("video_ids")
 
     @cached_property
     def labels(self) -> np.ndarray | None:
         """(N, C) uint8 multi-hot labels, or None when the store has none."""
-        return None if self.info.num_classes is None else np.asarray(self.group["labels"][:], dtype=np.uint8)
+        return None if self.info.num_classes is None else self._read("labels").astype(np.uint8, copy=False)
 
     @cached_property
     def _rows(self) -> dict[str, int]:
@@ -252,8 +271,9 @@ class CodeStore:
 
 def open_code_store(url: str, storage_options: dict[str, Any] | None = None) -> CodeStore:
     """Open and validate a complete code store; an incomplete one raises :class:`IncompleteStoreError`."""
+    strict = StrictStore(zarr_store(url, storage_options, read_only=True), url)
     try:
-        group = zarr.open_group(store=zarr_store(url, storage_options, read_only=True), mode="r", zarr_format=3)
+        group = zarr.open_group(store=strict, mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as err:
         raise StoreError(f"{url}: no code store there") from err
     if CODE_ATTRIBUTE not in group.attrs:
@@ -273,4 +293,7 @@ def open_code_store(url: str, storage_options: dict[str, Any] | None = None) -> 
             raise StoreError(f"{url}: the code store lacks its '{name}' array") from None
         if actual != shape:
             raise StoreError(f"{url}: '{name}' has shape {actual}, the attributes say {shape}")
+    # Ids are never empty, so their chunks are always written; the other arrays' all-zero chunks are written only
+    # by code stores made since chunk checksums.
+    strict.required |= {"video_ids", *(name for name in expected if has_chunk_checksums(group[name]))}
     return CodeStore(url, group, info)

@@ -151,16 +151,21 @@ def _worker() -> tuple[int, int]:
 
 def _read_ahead(feats: zarr.Array, ranges: np.ndarray, depth: int,
                 on_error: Callable[[int, int, Exception], Exception] | None = None,
+                check: Callable[[int, np.ndarray], None] | None = None,
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(video indices, stored features)`` of each ``[start, stop)`` range in order, ``depth`` reads in flight.
-    A codec error (damaged or truncated file) is replaced by ``on_error(start, stop, err)``."""
+    A codec error (damaged, truncated or missing file) is replaced by ``on_error(start, stop, err)``; ``check(start,
+    features)`` runs on every range read (it raises on NaN/Inf)."""
     def read(lo: int, hi: int) -> np.ndarray:
         try:
-            return np.asarray(feats[lo:hi])
+            data = np.asarray(feats[lo:hi])
         except READ_ERRORS as err:
             if on_error is None:
                 raise
             raise on_error(lo, hi, err) from err
+        if check is not None:
+            check(lo, data)
+        return data
 
     with ThreadPoolExecutor(max_workers=depth) as pool:
         pending: deque[tuple[int, int, Future[np.ndarray]]] = deque()
@@ -249,6 +254,11 @@ class _SplitReader(IterableDataset):
         assert self._store is not None
         return self._store.read_error(self.split, "feats", start, stop, err)
 
+    def _check_finite(self, start: int, feats: np.ndarray) -> None:
+        """Refuse videos with NaN/Inf features, naming them (they would train or encode silently)."""
+        assert self._store is not None
+        self._store.check_finite(self.split, start, feats)
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_feats": None, "_store": None}
 
@@ -299,7 +309,7 @@ class TrainReader(_SplitReader):
         share = part.take(first * size, min(last * size, part.num_videos))
         if not len(share.segments):
             return
-        chunks = _read_ahead(self._arrays(), share.segments, self.readahead, self._read_error)
+        chunks = _read_ahead(self._arrays(), share.segments, self.readahead, self._read_error, self._check_finite)
         buffer = np.empty((self.buffer_videos, *self.frame_shape), self.dtype)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, workers])
         yield from _shuffled_batches(chunks, buffer, size, rng)
@@ -327,7 +337,7 @@ class EvalReader(_SplitReader):
         worker, workers = _worker()
         starts = self.start + np.arange(worker, len(self), workers, dtype=np.int64) * self.batch_size
         ranges = np.stack([starts, np.minimum(starts + self.batch_size, self.stop)], axis=1)
-        for ids, feats in _read_ahead(self._arrays(), ranges, self.readahead, self._read_error):
+        for ids, feats in _read_ahead(self._arrays(), ranges, self.readahead, self._read_error, self._check_finite):
             yield torch.from_numpy(feats).float(), torch.from_numpy(ids)
 
 

@@ -45,6 +45,7 @@ from storage.store import (
     ATTRIBUTE,
     CHUNKS_PER_SHARD,
     FEATURE_DTYPES,
+    FINITE_RECORD,
     FeatureStore,
     StoreError,
     StoreInfo,
@@ -181,7 +182,7 @@ def write_store(
             _write_split(url, group, info, split, state)
         if verify:
             verify_store(FeatureStore(url, group, info, storage_options), splits, state["block_videos"])
-    mark_complete(group, {**sources, "checksums": state["checksums"]})
+    mark_complete(group, {**sources, "checksums": state["checksums"], FINITE_RECORD: True})
     log.info("%s: complete (%s)", url, ", ".join(f"{s.name} {s.videos} videos" for s in splits))
     return open_store(url, storage_options)
 

@@ -31,12 +31,13 @@ from cluster.preflight import (
     requested_data_shape,
 )
 from storage.reader import EvalReader, TrainReader
-from storage.store import IncompleteStoreError, StoreError, open_store, verify_shards
+from storage.store import IncompleteStoreError, MissingChunkError, StoreError, open_store, verify_shards
 from storage.synthetic_store import write_synthetic
 from storage.writer import SourceError
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_VIDEOS = 40  # ucf101-like: train 40 (also the database), query 16
+TRAIN_VIDEOS = 104  # ucf101-like: train 104 (also the database: at least K = 100), query 41
+QUERY_VIDEOS = 41
 SHAPE = ["data.feature_size=16", "data.max_frames=8", "model.encoder_depth=1", "train.batch_size=8",
          "cluster.num_cluster=[3, 5]", "cluster.warmup_epoch=0", "train.num_epochs=2"]
 
@@ -56,7 +57,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def store_path(tmp_path: Path, pristine: dict[str, Path]) -> Path:
-    """A fresh copy of the ucf101-like store (5 train shard files of 8 videos, 2 chunks each) to tamper with."""
+    """A fresh copy of the ucf101-like store (13 train shard files of 8 videos, 2 chunks each) to tamper with."""
     path = tmp_path / "store"
     shutil.copytree(pristine["ucf101"], path)
     return path
@@ -117,14 +118,14 @@ def test_an_empty_split_is_refused(store_path: Path) -> None:
 
 def test_a_split_whose_arrays_hold_no_videos_is_refused(store_path: Path) -> None:
     zarr.open_array(str(store_path / "query" / "feats"), mode="r+").resize((0, 8, 16))
-    with pytest.raises(StoreError, match=r"split 'query': feats has shape \(0, 8, 16\), expected \(16, 8, 16\)"):
+    with pytest.raises(StoreError, match=r"split 'query': feats has shape \(0, 8, 16\), expected \(41, 8, 16\)"):
         preflight(store_path)
 
 
 @pytest.mark.parametrize(("array", "shape", "fragment"), [
-    ("labels", (15, 8), r"split 'query': labels has shape \(15, 8\), expected \(16, 8\)"),
-    ("video_ids", (17,), r"split 'query': video_ids has shape \(17,\), expected \(16,\)"),
-    ("feats", (15, 8, 16), r"split 'query': feats has shape \(15, 8, 16\), expected \(16, 8, 16\)"),
+    ("labels", (40, 8), r"split 'query': labels has shape \(40, 8\), expected \(41, 8\)"),
+    ("video_ids", (42,), r"split 'query': video_ids has shape \(42,\), expected \(41,\)"),
+    ("feats", (40, 8, 16), r"split 'query': feats has shape \(40, 8, 16\), expected \(41, 8, 16\)"),
 ])
 def test_row_counts_that_disagree_are_refused(store_path: Path, array: str, shape: tuple[int, ...],
                                               fragment: str) -> None:
@@ -145,7 +146,7 @@ def test_eval_labels_missing_or_empty_are_refused(store_path: Path) -> None:
     with pytest.raises(StoreError) as err:
         preflight(store_path)
     message = str(err.value)
-    assert "2 of 16 videos of the query split have no label" in message
+    assert f"2 of {QUERY_VIDEOS} videos of the query split have no label" in message
     assert "video 3, id 'query_000003'" in message and str(store_path) in message
     shutil.rmtree(store_path / "query" / "labels")
     with pytest.raises(StoreError, match="split 'query' is missing its arrays"):
@@ -174,21 +175,21 @@ def test_an_unlabelled_train_split_is_refused_only_where_it_is_the_database(stor
 
 def test_a_batch_larger_than_the_train_split_is_refused(store_path: Path) -> None:
     with pytest.raises(PreflightError) as err:
-        preflight(store_path, "train.batch_size=64", world_size=2)
+        preflight(store_path, "train.batch_size=128", world_size=2)
     message = str(err.value)
-    assert "train.batch_size=64" in message and f"has {TRAIN_VIDEOS} videos" in message
-    assert "2 worker(s)" in message and "use train.batch_size <= 40" in message
-    preflight(store_path, "train.batch_size=40", world_size=2)  # 20 per worker: one step per epoch
-    with pytest.raises(PreflightError, match="64 worker"):
-        preflight(store_path, "train.batch_size=128", world_size=64)  # more workers than videos
+    assert "train.batch_size=128" in message and f"has {TRAIN_VIDEOS} videos" in message
+    assert "2 worker(s)" in message and f"use train.batch_size <= {TRAIN_VIDEOS}" in message
+    preflight(store_path, f"train.batch_size={TRAIN_VIDEOS}", world_size=2)  # half per worker: one step per epoch
+    with pytest.raises(PreflightError, match="128 worker"):
+        preflight(store_path, "train.batch_size=256", world_size=128)  # more workers than videos
 
 
 def test_more_clusters_than_train_videos_are_refused(store_path: Path) -> None:
     with pytest.raises(PreflightError) as err:
-        preflight(store_path, "cluster.num_cluster=[8, 50]")
-    assert "cluster.num_cluster=[8, 50]" in str(err.value) and f"has {TRAIN_VIDEOS} videos" in str(err.value)
-    preflight(store_path, "cluster.num_cluster=[8, 50]", "loss.p2set=false")  # no clustering
-    preflight(store_path, "cluster.num_cluster=[8, 50]", "cluster.warmup_epoch=2")  # never reached in 2 epochs
+        preflight(store_path, "cluster.num_cluster=[8, 150]")
+    assert "cluster.num_cluster=[8, 150]" in str(err.value) and f"has {TRAIN_VIDEOS} videos" in str(err.value)
+    preflight(store_path, "cluster.num_cluster=[8, 150]", "loss.p2set=false")  # no clustering
+    preflight(store_path, "cluster.num_cluster=[8, 150]", "cluster.warmup_epoch=2")  # never reached in 2 epochs
 
 
 # ----- NaN / Inf features -----------------------------------------------------------------------------------------
@@ -222,12 +223,13 @@ SHARD = Path("train", "feats", "c", "2", "0", "0")  # videos 16:24
 def test_a_missing_shard_file_is_refused_instead_of_read_as_zeros(store_path: Path) -> None:
     (store_path / SHARD).unlink()
     store = open_store(str(store_path))
-    assert not np.asarray(store.split("train").feats[16:24]).any()  # what zarr does: zeros, no error
+    with pytest.raises(MissingChunkError, match="the file train/feats/c/2/0/0 is missing"):  # not zeros, as zarr
+        store.split("train").feats[16:24]
     with pytest.raises(StoreError) as err:
         preflight(store_path)
     message = str(err.value)
     assert str(store_path) in message and "split 'train'" in message
-    assert "1 of 15 chunk/shard files" in message and "feats/c/2/0/0 (missing)" in message
+    assert "1 of 39 chunk/shard files" in message and "feats/c/2/0/0 (missing)" in message
 
 
 def test_empty_or_missing_files_of_every_array_are_named(store_path: Path) -> None:
@@ -262,16 +264,17 @@ def test_a_truncated_shard_file_fails_its_read_naming_store_split_and_file(store
     size = (store_path / SHARD).stat().st_size
     os.truncate(store_path / SHARD, size // 2)
     store = open_store(str(store_path))
-    verify_shards(store, "train")  # long enough to look whole from a listing; the read finds it
-    fragments = [str(store_path), "split 'train'", "train/feats/c/2/0/0", "damaged or truncated"]
+    with pytest.raises(StoreError, match=r"feats/c/2/0/0 \(shard index checksum mismatch"):
+        verify_shards(store, "train")  # the index at the end of the file no longer matches its checksum
+    fragments = [str(store_path), "split 'train'", "the file train/feats/c/2/0/0", "damaged or truncated"]
     with pytest.raises(StoreError) as err:
         list(EvalReader(str(store_path), "train", batch_size=8))
-    assert all(f in str(err.value) for f in fragments) and "videos 16:24" in str(err.value)
+    assert all(f in str(err.value) for f in fragments) and "videos 16:20" in str(err.value)  # its first chunk
     reader = TrainReader(str(store_path), "train", batch_size=8, world_size=1, seed=0)
     with pytest.raises(StoreError) as err:
         list(reader)
     assert all(f in str(err.value) for f in fragments)
-    with pytest.raises(StoreError, match="one of the 5 files train/feats/c/0/0/0 ... train/feats/c/4/0/0"):
+    with pytest.raises(StoreError, match="videos 16:20: the file train/feats/c/2/0/0 is damaged"):
         store.load("train")
     os.truncate(store_path / SHARD, 10)  # shorter than its own index: the listing finds it
     with pytest.raises(StoreError, match=r"feats/c/2/0/0 \(10 bytes"):
@@ -328,8 +331,8 @@ def test_the_job_refuses_bits_not_a_multiple_of_8(store_path: Path, tmp_path: Pa
 
 @pytest.mark.parametrize(("tamper", "args", "fragments"), [
     (None, ["--set", "data.feature_size=512"], ["data.feature_size=512 from the config", "F=16"]),
-    (None, ["--set", "train.batch_size=512"], ["train.batch_size=512", "40 videos"]),
-    (None, ["--set", "cluster.num_cluster=[8, 50]", "--set", "cluster.warmup_epoch=0"], ["cluster.num_cluster"]),
+    (None, ["--set", "train.batch_size=512"], ["train.batch_size=512", f"{TRAIN_VIDEOS} videos"]),
+    (None, ["--set", "cluster.num_cluster=[8, 150]", "--set", "cluster.warmup_epoch=0"], ["cluster.num_cluster"]),
     ("delete", [], ["split 'train'", "feats/c/2/0/0 (missing)"]),
     ("labels", [], ["videos of the query split have no label"]),
     (None, ["--mlflow-uri", "http://127.0.0.1:9"], ["MLflow tracking server http://127.0.0.1:9 is unreachable"]),

@@ -103,7 +103,7 @@ def test_the_clustering_actor_killed_during_a_round_is_restarted_and_the_round_r
     assert epoch_steps(client, summary["mlflow_run_id"], "cluster/kmeans_objective_k5") == [2, 3]
 
 
-def test_consecutive_non_finite_losses_stop_the_run_with_its_last_good_checkpoint(
+def test_data_that_turns_non_finite_stops_the_run_naming_the_videos_with_its_last_good_checkpoint(
         ray_session, tmp_path, caplog):
     from cluster.train import run
     from storage.synthetic_store import write_synthetic
@@ -117,8 +117,11 @@ def test_consecutive_non_finite_losses_stop_the_run_with_its_last_good_checkpoin
     caplog.clear()
     assert run("ucf101", parse([*base, "--epochs", "3"])) == 1
     message = caplog.text
-    assert "3 consecutive training steps had a non-finite loss (train.max_nonfinite_steps=3" in message
+    assert "split 'train'" in message and "have NaN or Inf features" in message and "('train_000" in message
     assert "re-run the same command to resume" in message
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("reliability").experiment_id])
+    assert run.info.status == "FAILED"  # the resumed attempt continued the first run, and failed it
     run_dir = tmp_path / "ray" / "diverge"
     latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
     state = torch.load(run_dir / latest["checkpoint_dir_name"] / "checkpoint.pt", weights_only=True)

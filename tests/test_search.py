@@ -249,6 +249,22 @@ def test_search_codes_with_packed_queries(tmp_path: Path) -> None:
     assert results[0].hits[0].labels == np.flatnonzero(labels[expected_rows[0, 0]]).tolist()
 
 
+@pytest.mark.parametrize("damage", ["deleted", "flipped"])
+def test_a_damaged_code_store_chunk_is_an_error_not_zeros(tmp_path: Path, damage: str) -> None:
+    url = str(tmp_path / "codes")
+    _write_store(url)  # 10 codes in chunks of 4: codes/c/1/0 holds rows 4:8
+    chunk = tmp_path / "codes" / "codes" / "c" / "1" / "0"
+    if damage == "deleted":
+        chunk.unlink()
+    else:
+        data = bytearray(chunk.read_bytes())
+        data[2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+    proc = run_search_job("--codes", url, "--query", "vid001")
+    fragment = "file missing" if damage == "deleted" else "crc32c checksum mismatch"
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def run_search_job(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(ROOT / "jobs" / "search.py"), *args], capture_output=True, text=True,
@@ -311,3 +327,13 @@ def test_search_job_encodes_features_with_a_registered_model(tmp_path: Path) -> 
     assert {"video_id": "clip5", "distance": 0} in [{k: h[k] for k in ("video_id", "distance")}
                                                      for h in result["hits"]]
     assert result["hits"][0]["labels"] is None
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "wide.npy", np.ones((2, cfg.data.max_frames, cfg.data.feature_size + 4), np.float32))
+    for query, fragment in [("empty.npy", "cannot read it as a .npy array (EOFError"),
+                            ("wide.npy", f"videos of {cfg.data.max_frames} frames x {cfg.data.feature_size + 4} "
+                                         f"dims, but the model {uri} takes {cfg.data.max_frames} frames x "
+                                         f"{cfg.data.feature_size} dims")]:
+        proc = run_search_job("--codes", url, "--features", str(tmp_path / query), "--model", uri,
+                              "--mlflow-uri", tracking_uri)
+        assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr  # one line, no traceback or dump
+        assert "Traceback" not in proc.stderr and len([ln for ln in proc.stderr.splitlines() if "ERROR" in ln]) == 1
