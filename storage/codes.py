@@ -29,12 +29,11 @@ import zarr
 
 from storage.store import ATTRIBUTE as FEATURE_ATTRIBUTE
 from storage.store import (
-    CHUNK_CODECS,
     READ_ERRORS,
-    WRITE_EVERY_CHUNK,
     IncompleteStoreError,
     StoreError,
     StrictStore,
+    checksummed,
     has_chunk_checksums,
     read_failure,
     zarr_store,
@@ -124,13 +123,12 @@ def create_code_store(
         raise StoreError(f"{url}: something that is not a code store is already there (pass overwrite to replace "
                          "it)") from err
     rows = min(chunk_rows, num_videos)
-    every = {"compressors": CHUNK_CODECS, "config": WRITE_EVERY_CHUNK}  # checksummed; a missing chunk is damage
     group.create_array("codes", shape=(num_videos, info.nbytes), dtype="uint8", chunks=(rows, info.nbytes),
-                       fill_value=0, **every)
-    group.create_array("video_ids", shape=(num_videos,), dtype=str, chunks=(rows,), **every)
+                       fill_value=0, **checksummed())
+    group.create_array("video_ids", shape=(num_videos,), dtype=str, chunks=(rows,), **checksummed())
     if num_classes is not None:
         group.create_array("labels", shape=(num_videos, num_classes), dtype="uint8", chunks=(rows, num_classes),
-                           fill_value=0, **every)
+                           fill_value=0, **checksummed())
     group.attrs[CODE_ATTRIBUTE] = info.to_dict()
     return CodeStoreWriter(url, info, storage_options)
 

@@ -38,6 +38,7 @@ import dataclasses
 import itertools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,7 @@ FINITE_RECORD = "features_finite"  # sources key: the writer checked every video
 SHARD_INDEX_CRC_BYTES = 4  # the crc32c that follows the shard index
 CHUNK_CODECS = (ZstdCodec(), Crc32cCodec())  # every inner chunk: zstd, then a crc32c of the compressed bytes
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}  # an all-zero chunk is written too, so a missing one is damage
+FINITE_CHECK_VIDEOS = 256  # videos checked for NaN/Inf at a time (bounds the check's temporary copy)
 READ_ERRORS = (ValueError, RuntimeError)  # what zarr's codecs raise on damaged bytes (checksum, zstd frame)
 
 
@@ -149,6 +151,11 @@ class StoreInfo:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def checksummed() -> dict[str, Any]:
+    """``create_array`` options of every array this project writes: :data:`CHUNK_CODECS`, every chunk written."""
+    return {"compressors": CHUNK_CODECS, "config": WRITE_EVERY_CHUNK}
+
+
 def nonfinite_rows(feats: np.ndarray) -> np.ndarray:
     """Indices of the videos (first axis) of ``feats`` that hold any NaN or Inf. The common case is one reduction
     (the largest magnitude is NaN or Inf exactly when some value is): about 0.15 ms per FCVID chunk of 16 videos,
@@ -198,20 +205,16 @@ def create_store(
         sub.create_array(
             "feats", shape=(n, info.max_frames, info.feature_dim), dtype=info.dtype,
             chunks=(info.chunk_videos, info.max_frames, info.feature_dim),
-            shards=(info.shard_videos, info.max_frames, info.feature_dim), fill_value=0,
-            compressors=CHUNK_CODECS, config=WRITE_EVERY_CHUNK,
+            shards=(info.shard_videos, info.max_frames, info.feature_dim), fill_value=0, **checksummed(),
         )
         # Labels and ids are chunked like the feature shards, so a writer's block never rewrites another
         # block's rows (an interrupted write cannot damage finished blocks).
         sub.create_array("labels", shape=(n, info.num_classes), dtype="uint8",
-                         chunks=(info.shard_videos, info.num_classes), fill_value=0, compressors=CHUNK_CODECS,
-                         config=WRITE_EVERY_CHUNK)
-        sub.create_array("video_ids", shape=(n,), dtype=str, chunks=(info.shard_videos,), compressors=CHUNK_CODECS,
-                         config=WRITE_EVERY_CHUNK)
+                         chunks=(info.shard_videos, info.num_classes), fill_value=0, **checksummed())
+        sub.create_array("video_ids", shape=(n,), dtype=str, chunks=(info.shard_videos,), **checksummed())
         if frame_signal:
             sub.create_array("frame_signal", shape=(n, info.max_frames), dtype="float16",
-                             chunks=(info.shard_videos, info.max_frames), fill_value=0, compressors=CHUNK_CODECS,
-                             config=WRITE_EVERY_CHUNK)
+                             chunks=(info.shard_videos, info.max_frames), fill_value=0, **checksummed())
     group.attrs[ATTRIBUTE] = info.to_dict()
     return group
 
@@ -281,7 +284,7 @@ class FeatureStore:
         ``name``: damaged bytes in the file that holds them."""
         stored = stored_split(self.info.protocol, name)
         array = self.group[stored][what]
-        start, stop, err = _first_unreadable(array, start, stop, err)
+        start, stop, err = next(unreadable_chunks(array, start, stop), (start, stop, err))  # the first bad chunk
         rows = array.metadata.chunk_grid.chunk_shape[0]
         files = [f"{stored}/{what}/" + array.metadata.encode_chunk_key((i,) + (0,) * (array.ndim - 1))
                  for i in range(start // rows, max(start, stop - 1) // rows + 1)]
@@ -305,8 +308,10 @@ class FeatureStore:
                           "re-run the ingest with --overwrite")
 
     def check_finite(self, name: str, start: int, feats: np.ndarray) -> None:
-        """Raise :meth:`nonfinite_error` if any of the videos ``feats`` (rows ``start`` on) holds NaN or Inf."""
-        rows = nonfinite_rows(feats)
+        """Raise :meth:`nonfinite_error` if any of the videos ``feats`` (rows ``start`` on) holds NaN or Inf; a
+        whole split is checked :data:`FINITE_CHECK_VIDEOS` at a time."""
+        rows = np.concatenate([lo + nonfinite_rows(feats[lo:lo + FINITE_CHECK_VIDEOS])
+                               for lo in range(0, len(feats), FINITE_CHECK_VIDEOS)] or [np.zeros(0, np.int64)])
         if rows.size:
             raise self.nonfinite_error(name, start + rows)
 
@@ -430,18 +435,15 @@ def has_chunk_checksums(array: zarr.Array) -> bool:
     return any(isinstance(codec, Crc32cCodec) for codec in inner)
 
 
-def _first_unreadable(array: zarr.Array, start: int, stop: int, err: Exception) -> tuple[int, int, Exception]:
-    """The first inner chunk of rows ``start:stop`` of ``array`` that fails to read, as (start, stop, its error),
-    so an error names the videos of that chunk rather than the whole range read (``err``'s range if none fails
-    on a second read)."""
+def unreadable_chunks(array: zarr.Array, start: int, stop: int) -> Iterator[tuple[int, int, Exception]]:
+    """``(first row, end row, error)`` of every inner chunk overlapping rows ``start:stop`` of ``array`` that fails
+    to read, clipped to the range: narrows a failed read down to the chunks (and videos) that are damaged."""
     rows = array.chunks[0]
     for lo in range(start - start % rows, stop, rows):
-        hi = min(lo + rows, array.shape[0])
         try:
-            array[lo:hi]
-        except READ_ERRORS as chunk_err:
-            return max(lo, start), min(hi, stop), chunk_err
-    return start, stop, err
+            array[lo:min(lo + rows, array.shape[0])]
+        except READ_ERRORS as err:
+            yield max(lo, start), min(lo + rows, stop), err
 
 
 def _shard_index_intact(fs: fsspec.AbstractFileSystem, path: str, size: int, index_bytes: int) -> bool:

@@ -33,6 +33,7 @@ from storage.store import (
     nonfinite_rows,
     open_store,
     read_failure,
+    unreadable_chunks,
 )
 from storage.writer import storage_options_from
 
@@ -97,18 +98,6 @@ def _file_of(array: zarr.Array, row: int) -> str:
     return f"{array.path}/" + array.metadata.encode_chunk_key((row // outer,) + (0,) * (array.ndim - 1))
 
 
-def _bad_chunks(array: zarr.Array, start: int, stop: int) -> list[tuple[int, int, Exception]]:
-    """The inner chunks of rows ``start:stop`` that fail to read, with their errors."""
-    rows, bad = array.chunks[0], []
-    for lo in range(start, stop, rows):
-        hi = min(lo + rows, stop)
-        try:
-            array[lo:hi]
-        except READ_ERRORS as err:
-            bad.append((lo, hi, err))
-    return bad
-
-
 def _ids(ids: np.ndarray | None, rows: list[int]) -> list[str]:
     return [] if ids is None else [str(ids[r]) for r in rows]
 
@@ -124,7 +113,7 @@ def _check_array(store: FeatureStore, split: str, name: str, ids: np.ndarray | N
         try:
             data = np.asarray(array[start:stop])
         except READ_ERRORS:
-            for lo, hi, err in _bad_chunks(array, start, stop):
+            for lo, hi, err in unreadable_chunks(array, start, stop):
                 kind, file = ("missing" if isinstance(err, MissingChunkError) else "damaged"), _file_of(array, lo)
                 rows = list(range(lo, hi))
                 last = problems[-1] if problems else None

@@ -259,3 +259,16 @@ def test_a_shard_deleted_after_the_checks_fails_the_run_by_name_and_marks_it_fai
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("damage").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]  # one run for both attempts, not left RUNNING
+
+
+def test_a_whole_split_is_checked_for_nan_block_by_block_and_every_bad_video_named(pristine, monkeypatch):
+    import storage.store as store_module
+
+    monkeypatch.setattr(store_module, "FINITE_CHECK_VIDEOS", 32)  # blocks of 32 of the 104 train videos
+    store = store_module.open_store(str(pristine["store"]))
+    feats = np.ones((100, 8, 16), np.float32)
+    feats[3, 0, 0], feats[70, 1, 2] = np.nan, -np.inf  # in the first and the third block
+    with pytest.raises(StoreError, match=r"2 video\(s\) have NaN or Inf features: row \(id\) 3 \('train_000003'\), "
+                                         r"70 \('train_000070'\)"):
+        store.check_finite("train", 0, feats)
+    store.check_finite("train", 4, feats[4:70])  # finite
