@@ -5,7 +5,8 @@ A config is built in this order, each step overriding the previous one:
 1. the dataset preset (``activitynet``, ``fcvid``, ``ucf101``, ``hmdb51``), holding the values of the released
    configs ``configs/AutoSSVH_{act,fcv,ucf,hmdb}.py`` (REFERENCE.md §5);
 2. the recipe: ``paper`` (default: adversarial sampler, P2Set against component-voted binary centres) or
-   ``released`` (random complementary masks, prototype loss against continuous centroids, as coded upstream);
+   ``released`` (random complementary masks, prototype loss against continuous centroids, cold k-means every
+   round, as coded upstream);
 3. a YAML file of nested sections or dotted keys;
 4. ``key=value`` overrides (``train.lr=5e-4``, ``cluster.num_cluster=[250,400,600]``).
 
@@ -122,6 +123,11 @@ class ClusterConfig:
     """Multi-granularity k-means on the training codes, every epoch from ``warmup_epoch`` on (REFERENCE §7.2).
 
     ``kmeans_temperature`` is the mean of the per-cluster density temperatures of the prototype loss (PCL).
+    ``warm_start`` (not in the released code): a round after the first starts from the previous round's
+    centroids and stops when the objective improves by less than ``warm_tolerance`` (relative) per iteration
+    (:mod:`autossvh.clustering`). ``num_cpus``: CPUs the Ray clustering actor (and each k-means shard) reserves
+    and uses as faiss threads; 0 reserves none and runs one thread; with more than one, granularities run in
+    parallel.
     """
 
     num_cluster: list[int] = field(default_factory=lambda: [250, 400, 600])
@@ -132,6 +138,9 @@ class ClusterConfig:
     max_points_per_centroid: int = 200
     min_points_per_centroid: int = 2
     num_shards: int = 1  # >1: the assignment step of k-means is sharded across that many actors (Ray runs)
+    warm_start: bool = True
+    warm_tolerance: float = 1e-4
+    num_cpus: int = 0
 
 
 @dataclass
@@ -215,12 +224,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": {"sampler.kind": "adversarial", "loss.centers": "voted", "model.hash_layer": "released"},
-    "released": {"sampler.kind": "random", "loss.centers": "prototype", "model.hash_layer": "released"},
+    "released": {"sampler.kind": "random", "loss.centers": "prototype", "model.hash_layer": "released",
+                 "cluster.warm_start": False},
 }
 # Keys of earlier versions that saved configs may still hold; loading a saved config skips them.
 RETIRED_KEYS = frozenset({"sampler.gumbel_noise_scale", "sampler.gumbel_temperature"})
 # Values a saved config that lacks the key was trained with (the key did not exist yet).
-LEGACY_VALUES = {"model.hash_layer": "released"}
+LEGACY_VALUES = {"model.hash_layer": "released", "cluster.warm_start": False}
 
 
 def build_config(
@@ -276,7 +286,9 @@ def inert_keys(cfg: Config, keys: typing.Iterable[str]) -> list[tuple[str, str]]
         (not lo.p2set, ("loss.b", "loss.centers", "loss.p2set_temperature", "cluster.num_cluster",
                         "cluster.warmup_epoch", "cluster.kmeans_temperature", "cluster.niter", "cluster.nredo",
                         "cluster.max_points_per_centroid", "cluster.min_points_per_centroid",
-                        "cluster.num_shards"), "loss.p2set=false (no clustering runs)"),
+                        "cluster.num_shards", "cluster.warm_start", "cluster.warm_tolerance", "cluster.num_cpus"),
+         "loss.p2set=false (no clustering runs)"),
+        (not cfg.cluster.warm_start, ("cluster.warm_tolerance",), "cluster.warm_start=false"),
         (lo.p2set and lo.centers == "voted", ("cluster.kmeans_temperature",),
          "loss.centers=voted uses loss.p2set_temperature, not the prototype densities"),
         (lo.p2set and lo.centers == "prototype", ("loss.p2set_temperature",),
@@ -447,6 +459,8 @@ def _validate(cfg: Config) -> None:
     _require(c.min_points_per_centroid >= 1, "cluster.min_points_per_centroid", "must be >= 1",
              c.min_points_per_centroid)
     _require(c.num_shards >= 1, "cluster.num_shards", "must be >= 1", c.num_shards)
+    _require(0 <= c.warm_tolerance < 1, "cluster.warm_tolerance", "must be in [0, 1)", c.warm_tolerance)
+    _require(c.num_cpus >= 0, "cluster.num_cpus", "must be >= 0", c.num_cpus)
     _require(t.batch_size >= 2, "train.batch_size", "must be >= 2 (the contrastive loss needs negatives)",
              t.batch_size)
     _require(t.num_epochs >= 1, "train.num_epochs", "must be >= 1", t.num_epochs)

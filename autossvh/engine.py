@@ -55,11 +55,17 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 when autocast is enabled and pays off on ``device`` (CUDA, CPUs with native bf16); None: fp32."""
+    if enabled and (device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())):
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast when enabled, on CUDA and on CPUs with native bf16; a no-op elsewhere (fp32)."""
-    if enabled and (device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = autocast_dtype(device, enabled)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass
@@ -171,22 +177,51 @@ def _features_of(batch: Batch) -> Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-@torch.no_grad()
+# Bytes one encoding batch may hold (see encode_batch_size). On CPU, 128 MiB (128 videos of UCF101/FCVID size):
+# one thread encodes 32 to 256 videos a batch at the same speed per video (2.2-2.4 ms, released model, bf16)
+# and larger batches run slower (2.6 ms at 384, 3.1 ms at 544: the activations leave the caches). On CUDA, 2 GiB
+# (about 2,200 such videos, 55,000 frames a matrix multiply) so that this model's small matrices keep the device
+# busy between kernel launches: a choice, not measured; the host then holds readahead + 1 float16 batches
+# (about 2.3 GB) per worker.
+ENCODE_BUDGET_BYTES = {"cpu": 128 << 20, "cuda": 2 << 30}
+
+
+def encode_batch_size(cfg: Config, device: torch.device, stored_itemsize: int = 2, multiple_of: int = 1) -> int:
+    """Videos per batch of :func:`encode`: the most whose working set fits the device's share of
+    ``ENCODE_BUDGET_BYTES``, rounded down to a multiple of ``multiple_of`` (the store's chunk, to keep reads
+    chunk-aligned), and never fewer than ``train.test_batch_size``.
+
+    A video's working set is its features as stored (``stored_itemsize`` bytes a value), their fp32 copy (the
+    larger compute dtype) and one encoder block's activations in fp32: residual stream, normalised input, q/k/v,
+    attention output and the MLP's hidden layer before and after GELU, for every frame."""
+    d, m = cfg.data, cfg.model
+    inner = m.hidden_size // m.encoder_heads * m.encoder_heads
+    activations = 2 * m.hidden_size + 4 * inner + 2 * int(m.hidden_size * m.mlp_ratio)
+    per_video = d.max_frames * (d.feature_size * (stored_itemsize + 4) + 4 * activations)
+    budget = ENCODE_BUDGET_BYTES.get(device.type, ENCODE_BUDGET_BYTES["cpu"])
+    fits = budget // per_video // multiple_of * multiple_of
+    return max(cfg.train.test_batch_size, fits)
+
+
+@torch.inference_mode()
 def encode(model: AutoSSVH, batches: Iterable[Batch], device: torch.device | None = None) -> Encoded:
     """Eval-mode codes of all frames: sign of the mean of the per-frame binary codes (REFERENCE §3.4).
 
-    ``batches`` yields feature tensors (B, T, F) or tuples whose first item is one."""
+    ``batches`` yields feature tensors (B, T, F) of any float dtype (float16 as stored: half the bytes to read
+    and move) or tuples whose first item is one. Each batch is cast once, on ``device``, to the compute dtype:
+    bf16 under ``train.amp`` where :func:`autocast` runs (the values autocast would give the float32 batch, since
+    float16 converts to float32 exactly), else float32."""
     device = device or next(model.parameters()).device
+    dtype = autocast_dtype(device, model.cfg.train.amp) or torch.float32
     was_training = model.training
     model.eval()
     codes, features = [], []
-    for batch in batches:
-        feats = _features_of(batch).to(device, non_blocking=True).float()
-        with autocast(device, model.cfg.train.amp):
-            frame_codes = model.encode_frames(feats)
-        code, feature = video_codes(frame_codes.float())
-        codes.append(code.to(torch.int8).cpu())
-        features.append(feature.cpu())
+    with autocast(device, model.cfg.train.amp):
+        for batch in batches:
+            feats = _features_of(batch).to(device, non_blocking=True).to(dtype)
+            code, feature = video_codes(model.encode_frames(feats).float())
+            codes.append(code.to(torch.int8).cpu())
+            features.append(feature.cpu())
     model.train(was_training)
     nbits = model.cfg.model.nbits
     if not codes:
@@ -200,11 +235,13 @@ def array_batches(feats: np.ndarray, batch_size: int) -> Iterator[Tensor]:
         yield torch.from_numpy(np.ascontiguousarray(feats[start:start + batch_size], dtype=np.float32))
 
 
-def encode_and_cluster(model: AutoSSVH, train_batches: Iterable[Batch], cfg: Config,
-                       device: torch.device) -> ClusteringResult:
-    """A clustering round in one process: encode the training set and cluster its codes."""
+def encode_and_cluster(model: AutoSSVH, train_batches: Iterable[Batch], cfg: Config, device: torch.device,
+                       previous: ClusteringResult | None = None) -> ClusteringResult:
+    """A clustering round in one process: encode the training set and cluster its codes (warm from
+    ``previous``, the last round, where ``cluster.warm_start``)."""
     encoded = encode(model, train_batches, device)
-    return cluster_codes(encoded.features, encoded.codes, cfg.cluster, use_gpu=device.type == "cuda")
+    return cluster_codes(encoded.features, encoded.codes, cfg.cluster, use_gpu=device.type == "cuda",
+                         previous=previous)
 
 
 @dataclass

@@ -12,11 +12,19 @@ Protocol (REFERENCE.md §8):
   index (a stable sort). The released code uses numpy's unstable default argsort, whose tie order depends on
   the platform; this module is deterministic instead.
 
-Nothing here builds a full query x database matrix: queries are processed in chunks of rows, so the FCVID
-all-vs-all protocol (45,600 x 45,600) runs in a few seconds and little memory instead of ~16.6 GB per dense
-float64 matrix. Within a chunk each database item gets the exact, unique key ``dot * N_db - index``, whose
-descending order is (ascending distance, ascending index); ``torch.topk`` on these keys therefore resolves
-ties that straddle the K-th distance exactly.
+Nothing here builds a full query x database matrix. The ranking is faiss's exact binary k-NN by counting
+(``IndexBinaryFlat`` with ``use_heap = False``, i.e. ``hammings_knn_mc``), run on chunks of query rows: per
+query it scans the database in ascending index order and appends each item to the list of its distance while
+that list can still reach the top k, then returns the lists by ascending distance. The result is therefore
+exactly the stable order, ties that straddle the K-th distance included, from the algorithm itself: no
+candidate margin, re-sort or fallback scan is needed (unlike ``autossvh.search``, which does not rely on
+faiss's tie order). It is also faster than faiss's default heap search. Codes are bit-packed so that faiss's
+Hamming distance is a fixed multiple of the protocol distance: +-1 codes take one bit per code bit (bit =
+code > 0, the same distance); codes with any 0, on either side, take four bits per code bit, with a query
+pattern and a database pattern whose Hamming distance is 2 * (1 - q_b * db_b), i.e. 4x the distance (exact,
+at a wider and slower search). Relevance of each ranked item is an AND of packed label words, and the AP sums
+are accumulated as exact integers per rank (sum over queries of rel(i) * hits up to i), so the result does
+not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 
@@ -39,6 +48,12 @@ DEFAULT_KS: tuple[int, ...] = (5, 20, 40, 60, 80, 100)
 
 _CHUNK_ELEMENTS = 1 << 22  # elements of one (chunk rows x N_db) working matrix: 16 MB in float32
 _FLOAT32_EXACT = 1 << 24  # integers up to this magnitude are exact in float32
+_RANKED_ELEMENTS = 1 << 18  # entries of one chunk's (query rows x k) ranking: 2 MB per int64 array
+_KNN_BUFFER_BYTES = 1 << 26  # faiss's per-batch lists (queries x (distances) x k int64) stay under 64 MB
+# Four bits per code bit when codes contain 0, indexed by code + 1 (-1, 0, +1). The query and database
+# patterns differ only for 0, so the Hamming distance of two patterns is 2 * (1 - q_b * db_b).
+_QUERY_NIBBLES = np.array([[0, 0, 1, 1], [1, 0, 1, 0], [1, 1, 0, 0]], dtype=bool)
+_DB_NIBBLES = np.array([[0, 0, 1, 1], [1, 0, 0, 1], [1, 1, 0, 0]], dtype=bool)
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
@@ -134,33 +149,37 @@ def _pack_labels(labels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed).view(np.int64)
 
 
+def _pack_for_hamming(q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Bit-pack validated codes for faiss; return ``(packed queries, packed database, scale)`` where
+    faiss's Hamming distance = scale * protocol distance. Padding bits are 0 on both sides and add nothing."""
+    if np.all(q != 0) and np.all(db != 0):
+        return np.packbits(q > 0, axis=1), np.packbits(db > 0, axis=1), 1
+
+    def expand(codes: np.ndarray, nibbles: np.ndarray) -> np.ndarray:
+        return np.packbits(nibbles[codes.astype(np.intp) + 1].reshape(len(codes), -1), axis=1)
+
+    return expand(q, _QUERY_NIBBLES), expand(db, _DB_NIBBLES), 4
+
+
 def _iter_topk(
     q: np.ndarray, db: np.ndarray, k: int, rows: int
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield (start, indices, dots) per query chunk: the k nearest database items in stable tie order.
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
+    """Yield (start, indices, scaled distances, scale) per query chunk: the k nearest database items by
+    ascending distance, ties by ascending index (faiss's counting k-NN, see the module docstring).
 
-    The key ``dot * N_db - index`` is unique per item and sorts descending exactly like (ascending distance,
-    ascending index). The dot product of {-1, 0, 1} codes is an integer computed exactly by the float32
-    matmul; the key is formed in float32 when it stays below 2^24 and in float64 otherwise. Only the large
-    per-chunk operations run in torch; the small per-query work is left to numpy.
+    ``indices`` are (rows, k) int64, distances (rows, k) int32 in units of 1 / scale of the protocol distance.
+    faiss keeps per query one list of up to k ids for every distance, so its query batch is bounded to keep
+    those lists under ``_KNN_BUFFER_BYTES`` (at least one query).
     """
-    n_db, nbits = db.shape
-    qt = torch.from_numpy(q)
-    dbt = torch.from_numpy(db).T.contiguous()
-    exact32 = (nbits + 1) * n_db < _FLOAT32_EXACT
-    key_dtype = torch.float32 if exact32 else torch.float64
-    bias = -torch.arange(n_db, dtype=key_dtype)
-    dots = torch.empty(min(rows, q.shape[0]), n_db, dtype=torch.float32)
-    keys = dots if exact32 else torch.empty(dots.shape, dtype=torch.float64)
-    for start in range(0, q.shape[0], rows):
-        qc = qt[start : start + rows]
-        d = dots[: qc.shape[0]]
-        torch.mm(qc, dbt, out=d)
-        kc = keys[: qc.shape[0]]
-        torch.add(bias, d if exact32 else d.double(), alpha=n_db, out=kc)
-        values, indices = torch.topk(kc, k, dim=1, largest=True, sorted=True)
-        idx = indices.numpy()
-        yield start, idx, (values.numpy().astype(np.float64) + idx) / n_db
+    q_packed, db_packed, scale = _pack_for_hamming(q, db)
+    index = faiss.IndexBinaryFlat(db_packed.shape[1] * 8)
+    index.use_heap = False
+    per_query = (index.d + 1) * k * np.dtype(np.int64).itemsize
+    index.query_batch_size = max(1, min(index.query_batch_size, _KNN_BUFFER_BYTES // per_query))
+    index.add(db_packed)
+    for start in range(0, len(q_packed), rows):
+        distances, indices = index.search(q_packed[start : start + rows], k)
+        yield start, indices, distances, scale
 
 
 def hamming_ranking(
@@ -169,20 +188,22 @@ def hamming_ranking(
     """Top-k database items per query by ascending Hamming distance, ties by ascending database index.
 
     Returns ``(indices, distances)``, both (Q, k): int64 database indices and float64 distances (multiples of
-    0.5). With k = N_db this is the full stable ranking (only use that on small inputs).
+    0.5). ``chunk_size`` is the number of queries ranked at once (default: about 256K ranked entries). With
+    k = N_db this is the full stable ranking; only use that on small inputs, as faiss holds (nbits + 1) * k
+    int64 ids per query in flight (4 * nbits + 1 with 0 bits).
     """
     q, db = _check_code_pair(query_codes, db_codes)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if k > db.shape[0]:
         raise ValueError(f"k={k} is larger than the database ({db.shape[0]} items)")
-    rows = _check_chunk(chunk_size, max(1, _CHUNK_ELEMENTS // db.shape[0]))
+    k = int(k)
+    rows = _check_chunk(chunk_size, max(1, _RANKED_ELEMENTS // k))
     idx_out = np.empty((q.shape[0], k), dtype=np.int64)
     dist_out = np.empty((q.shape[0], k), dtype=np.float64)
-    for start, idx, dots in _iter_topk(q, db, int(k), rows):
-        stop = start + idx.shape[0]
-        idx_out[start:stop] = idx
-        dist_out[start:stop] = 0.5 * (q.shape[1] - dots)
+    for start, idx, dist, scale in _iter_topk(q, db, k, rows):
+        idx_out[start : start + len(idx)] = idx
+        dist_out[start : start + len(idx)] = dist / scale
     return idx_out, dist_out
 
 
@@ -217,25 +238,27 @@ def map_at_k(
 
     Codes are (N, nbits) in {-1, 0, +1}, labels (N, C) non-negative multi-hot; numpy arrays or torch tensors.
     The ranking is computed once for max(ks) and every K is read from it. ``chunk_size`` is the number of
-    queries ranked at once (default: about 4M query x database entries per chunk). Returns {K: mAP@K} in the
+    queries ranked at once (default: about 256K ranked entries per chunk). Returns {K: mAP@K} in the
     order of ``ks``. For FCVID pass the same codes and labels as queries and database: the self match
     (distance 0, placed among equal distances by index) is counted, as in the released evaluation.
     """
     q, db, lq, ldb = _check_pair(query_codes, db_codes, query_labels, db_labels)
     ks_list = _check_ks(ks, db.shape[0])
     kmax = max(ks_list)
-    ranked, _ = hamming_ranking(q, db, kmax, chunk_size=chunk_size)
-    rows = _check_chunk(chunk_size, max(1, _CHUNK_ELEMENTS // db.shape[0]))
-    qp, dbp = _pack_labels(lq), _pack_labels(ldb)
-    positions = np.arange(1, kmax + 1, dtype=np.float64)
-    cols = np.array(ks_list) - 1
-    ap_sums = np.zeros(len(ks_list), dtype=np.float64)
-    for start in range(0, q.shape[0], rows):
-        idx = ranked[start : start + rows]
-        rel = ((dbp[idx] & qp[start : start + rows, None, :]) != 0).any(axis=2)
-        precision_at_i = np.cumsum(rel, axis=1) / positions
-        ap_sums += np.cumsum(rel * precision_at_i, axis=1)[:, cols].sum(axis=0)
-    maps = ap_sums / (q.shape[0] * np.array(ks_list, dtype=np.float64))
+    rows = _check_chunk(chunk_size, max(1, _RANKED_ELEMENTS // kmax))
+    q_words = _pack_labels(lq)
+    db_words = np.ascontiguousarray(_pack_labels(ldb).T)  # (W, N_db): one contiguous row per label word
+    rel_hits = np.zeros(kmax, dtype=np.int64)  # per rank i: sum over queries of rel(i) * (hits up to i)
+    for start, idx, _, _ in _iter_topk(q, db, kmax, rows):
+        qw = q_words[start : start + len(idx)]
+        rel = (db_words[0][idx] & qw[:, :1]) != 0
+        for word in range(1, len(db_words)):
+            rel |= (db_words[word][idx] & qw[:, word : word + 1]) != 0
+        hits = np.cumsum(rel, axis=1, dtype=np.int64)
+        rel_hits += (hits * rel).sum(axis=0)
+    ap_sums = np.cumsum(rel_hits / np.arange(1, kmax + 1, dtype=np.float64))
+    ks_arr = np.array(ks_list)
+    maps = ap_sums[ks_arr - 1] / (q.shape[0] * ks_arr.astype(np.float64))
     return {k: float(v) for k, v in zip(ks_list, maps.tolist(), strict=True)}
 
 

@@ -16,14 +16,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from autossvh.clustering import ClusteringResult
+from autossvh.clustering import ClusteringResult, RoundReport
 from autossvh.config import Config
 from autossvh.diagnostics import PROBE_VIDEOS, SamplerDiagnostics, sampler_diagnostics
 from autossvh.engine import (
@@ -54,9 +54,8 @@ class EpochRecord:
     lr: float
     stats: EpochStats
     cluster_seconds: float = 0.0
-    kmeans_objective: list[float] = field(default_factory=list)
+    clustering: RoundReport | None = None
     retrieval: Retrieval | None = None
-    distinct_centers: list[int] = field(default_factory=list)
     sampler: SamplerDiagnostics | None = None
     eval_seconds: float = 0.0
 
@@ -88,12 +87,12 @@ class EpochSteps(Protocol):
 def run_epoch(steps: EpochSteps, cfg: Config, epoch: int, device: torch.device) -> EpochRecord:
     """One epoch of the released loop through ``steps``; returns its record."""
     lr = steps.learning_rate()
-    targets, cluster_seconds, objective, distinct = None, 0.0, [], []
+    targets, cluster_seconds, report = None, 0.0, None
     if should_cluster(cfg, epoch):
         tic = time.perf_counter()
         result = steps.cluster(epoch)
         targets = ClusterTargets.from_result(result, device)
-        cluster_seconds, objective, distinct = time.perf_counter() - tic, list(result.objective), result.num_distinct
+        cluster_seconds, report = time.perf_counter() - tic, result.report()
     stats = steps.train_epoch(epoch, targets)
     diagnostics = steps.probe_sampler()
     retrieval, eval_seconds = None, 0.0
@@ -101,7 +100,7 @@ def run_epoch(steps: EpochSteps, cfg: Config, epoch: int, device: torch.device) 
         tic = time.perf_counter()
         retrieval = steps.evaluate(epoch)
         eval_seconds = time.perf_counter() - tic
-    return EpochRecord(epoch, lr, stats, cluster_seconds, objective, retrieval, distinct, diagnostics, eval_seconds)
+    return EpochRecord(epoch, lr, stats, cluster_seconds, report, retrieval, diagnostics, eval_seconds)
 
 
 def epoch_line(record: EpochRecord, epochs: int, eta: float) -> str:
@@ -111,8 +110,8 @@ def epoch_line(record: EpochRecord, epochs: int, eta: float) -> str:
             f"p2set {s.p2set:.4f}) lr {record.lr:.2e} {s.videos_per_s:.0f} videos/s train {s.seconds:.1f}s")
     if record.sampler is not None and math.isfinite(record.sampler.selectivity):
         line += f" selectivity {record.sampler.selectivity:.2f}"
-    if record.cluster_seconds:
-        line += f" clustering {record.cluster_seconds:.1f}s"
+    if record.clustering is not None:
+        line += f" clustering {record.cluster_seconds:.1f}s ({'warm' if all(record.clustering.warm) else 'cold'})"
     if s.skipped_steps:
         line += f" skipped {s.skipped_steps} non-finite steps"
     if record.retrieval is not None:
@@ -184,13 +183,15 @@ class ArraySteps:
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self.probe = torch.from_numpy(np.asarray(data.train[:PROBE_VIDEOS]))
         self.signal = None if data.train_signal is None else data.train_signal[:PROBE_VIDEOS]
+        self.previous: ClusteringResult | None = None  # the last round, for the warm start
 
     def learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def cluster(self, epoch: int) -> ClusteringResult:
-        return encode_and_cluster(self.model, array_batches(self.data.train, self.cfg.train.test_batch_size),
-                                  self.cfg, self.device)
+        self.previous = encode_and_cluster(self.model, array_batches(self.data.train, self.cfg.train.test_batch_size),
+                                           self.cfg, self.device, self.previous)
+        return self.previous
 
     def train_epoch(self, epoch: int, targets: ClusterTargets | None) -> EpochStats:
         batches = shuffled_batches(len(self.data.train), self.cfg.train.batch_size, self.generator)

@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from autossvh.clustering import cluster_codes  # noqa: E402
 from autossvh.config import Config, build_config  # noqa: E402
-from autossvh.engine import encode  # noqa: E402
+from autossvh.engine import encode, encode_batch_size  # noqa: E402
 from autossvh.model import AutoSSVH  # noqa: E402
 from storage.reader import EvalReader, make_loader  # noqa: E402
+from storage.schema import stored_split  # noqa: E402
 from storage.store import open_store  # noqa: E402
 from storage.synthetic_store import write_synthetic  # noqa: E402
 
@@ -45,7 +46,7 @@ from storage.synthetic_store import write_synthetic  # noqa: E402
 FCVID_TRAIN, FCVID_DATABASE, FCVID_BATCH, FCVID_CLUSTERS = 45_585, 45_600, 512, (250, 500, 1000)
 # map_at_k on 45,600 x 45,600 codes, 64 bits, 2 threads: 3.7-3.8 s on this CPU (README, Performance).
 FCVID_MAP_SECONDS = 3.8
-# Default ratio of one GPU worker's throughput to one Train worker here (one core of this CPU, bf16 on AMX).
+# Default ratio of one GPU worker's throughput to one Train worker here (one core of this CPU, bf16 on AVX512-BF16).
 # Not measured: README puts the FCVID model at ~150 videos/s on 2 cores (~2 GFLOP per video forward+backward,
 # ~0.3 TFLOPS); an H100 reaches hundreds of TFLOPS on large bf16 GEMMs, but this model's matrices are small
 # (7-25 tokens x 256-d) and the step also reads ~205 KB of fp16 features per video, so a conservative 50x
@@ -139,9 +140,12 @@ def epoch_metrics(uri: str, run_id: str) -> dict[int, dict[str, float]]:
 
 
 def time_encode(cfg: Config, url: str, videos: int) -> float:
-    """Seconds per video of eval-mode encoding of about ``videos`` train videos with a fresh model."""
-    n = open_store(url).num_videos("train")
-    reader = EvalReader(url, "train", cfg.train.test_batch_size, 0, max(1, n // videos))
+    """Seconds per video of eval-mode encoding of about ``videos`` train videos with a fresh model, read and
+    batched as a Train worker's clustering round reads them (stored dtype, ``encode_batch_size`` videos)."""
+    store = open_store(url)
+    info, n = store.info, store.num_videos("train")
+    batch = encode_batch_size(cfg, torch.device("cpu"), np.dtype(info.dtype).itemsize, info.chunk_videos)
+    reader = EvalReader(url, "train", batch, 0, max(1, n // videos), dtype=None)
     model = AutoSSVH(cfg).eval()
     encode(model, [torch.from_numpy(np.zeros((2, cfg.data.max_frames, cfg.data.feature_size), np.float32))])
     tic = time.perf_counter()
@@ -224,11 +228,16 @@ def main() -> int:
     encode_per_video = time_encode(cfg, url, args.encode_videos)
     kmeans_seconds = time_kmeans(cfg, n_train)
     measured_cluster = statistics.median(cluster_times) if cluster_times else 0.0
-    overhead = max(0.0, measured_cluster - encode_per_video * math.ceil(n_train / world) - kmeans_seconds)
+    # Where the database is the train split and every epoch evaluates, a round takes the codes of the last
+    # evaluation's database (cluster.worker.TrainWorker._encode_block) and encodes nothing.
+    reused = stored_split(info.protocol, "database") == "train" and cfg.train.eval_every == 1
+    encode_seconds = 0.0 if reused else encode_per_video * math.ceil(n_train / world)
+    overhead = max(0.0, measured_cluster - encode_seconds - kmeans_seconds)
+    note = " (the evaluation's, reused)" if reused else ""
     print(f"components (1 thread): encode {encode_per_video * 1e3:.2f} ms/video; k-means of {n_train} codes at "
           f"{list(cfg.cluster.num_cluster)}: {kmeans_seconds:.2f} s; run's clustering {measured_cluster:.1f} s "
-          f"= encode {encode_per_video * math.ceil(n_train / world):.1f} + k-means {kmeans_seconds:.1f} "
-          f"+ overhead {overhead:.1f}")
+          f"= encode {encode_seconds:.1f}{note} "
+          f"+ k-means {kmeans_seconds:.1f} + overhead {overhead:.1f}")
     comp = Components(step_seconds, global_batch, world, encode_per_video, kmeans_seconds, n_train,
                       tuple(cfg.cluster.num_cluster), overhead)
 

@@ -12,6 +12,12 @@ common. Every measurement runs in a fresh subprocess: it generates the data, res
 counter (``/proc/self/clear_refs``; falls back to ``ru_maxrss``), calls the function, and reports the wall
 time and the peak RSS above the RSS just before the call.
 
+``map_at_k`` is also measured against a plain search: before each of its calls (and outside its peak-RSS
+window) the same process times a bare faiss ``IndexBinaryFlat`` top-100 search of the same codes (default
+index settings; packing and adding the codes are not timed), and the ratio map_at_k / search is printed per
+call. Both run on the same number of OpenMP threads (``--threads`` sets faiss's and torch's). Other processes
+on the machine inflate both, so the ratio of each back-to-back pair is the figure to read.
+
 Usage: ``python benchmarks/bench_map.py [--n 45600] [--bits 64] [--labels 239] [--repeat 3]``.
 """
 
@@ -64,20 +70,30 @@ def _reset_peak() -> bool:
 def worker(args: argparse.Namespace) -> None:
     """Measure one function in this (fresh) process and print one JSON line."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+    import faiss
     import torch
 
     from autossvh.metrics import gmap_l2, map_at_k, precision_recall_by_radius
 
     if args.threads:
         torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
     codes, labels = make_data(args.n, args.bits, args.labels, args.flip, args.seed)
-    walls, cpus, loads, peaks = [], [], [], []
+    packed = np.packbits(codes > 0, axis=1)
+    index = faiss.IndexBinaryFlat(packed.shape[1] * 8)
+    if args.worker == "map":
+        index.add(packed)
+    walls, cpus, loads, peaks, searches = [], [], [], [], []
     result: dict[str, object] = {}
     for _ in range(args.repeat):
+        loads.append(os.getloadavg()[0])
+        if args.worker == "map":
+            start = time.perf_counter()
+            index.search(packed, 100)
+            searches.append(time.perf_counter() - start)
         rss_before = _status_kib("VmRSS")
         exact = _reset_peak() and rss_before is not None
         maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        loads.append(os.getloadavg()[0])
         cpu_start = time.process_time()
         start = time.perf_counter()
         if args.worker == "map":
@@ -106,6 +122,8 @@ def worker(args: argparse.Namespace) -> None:
                 "exact_peak": exact,
                 "rss_before_kib": rss_before,
                 "threads": torch.get_num_threads(),
+                "faiss_threads": faiss.omp_get_max_threads(),
+                "search_s": searches,
                 **result,
             }
         )
@@ -150,9 +168,15 @@ def main() -> None:
         cpus = ", ".join(f"{c:.2f}" for c in rec["cpu_s"])
         loads = ", ".join(f"{x:.1f}" for x in rec["load1"])
         how = "VmHWM after clear_refs" if rec["exact_peak"] else "ru_maxrss delta, a lower bound"
-        print(f"\n{label} ({rec['threads']} torch threads)")
+        print(f"\n{label} ({rec['threads']} torch threads, {rec['faiss_threads']} faiss threads)")
         print(f"  wall [s] per call: {walls} (min {min(rec['walls_s']):.2f}); process CPU [s]: {cpus}")
         print(f"  1-min load average before each call: {loads} (other processes inflate the wall time)")
+        if name == "map":
+            search = ", ".join(f"{x:.2f}" for x in rec["search_s"])
+            ratios = ", ".join(f"{w / x:.2f}" for w, x in zip(rec["walls_s"], rec["search_s"], strict=True))
+            best = min(rec["walls_s"]) / min(rec["search_s"])
+            print(f"  bare faiss IndexBinaryFlat top-100 search of the same codes, just before each call [s]: {search}")
+            print(f"  ratio map_at_k / search per call: {ratios} (min over min {best:.2f})")
         print(
             f"  peak RSS above the pre-call RSS: {max(rec['peak_delta_kib']) / 1024:.0f} MiB ({how}); "
             f"pre-call RSS {rec['rss_before_kib'] / 1024:.0f} MiB"

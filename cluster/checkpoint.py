@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from autossvh.clustering import ClusteringResult
+from autossvh.clustering import ClusteringResult, RoundReport
 from autossvh.config import Config
 from autossvh.diagnostics import SamplerDiagnostics
 from autossvh.engine import EpochStats, Retrieval, load_state
@@ -27,7 +27,8 @@ from cluster.runtime import absolute_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered (complete) checkpoints
-RESULT_ARRAYS = ("im2cluster", "centers", "centroids", "density", "im2center")
+RESULT_ARRAYS = ("im2cluster", "centers", "centroids", "density", "im2center", "kmeans_centroids")
+RESULT_LISTS = ("objective", "iterations", "seconds", "warm")
 
 
 @dataclass
@@ -152,8 +153,8 @@ def check_resume_compatible(storage: str, name: str, cfg: Config) -> str | None:
 def _result_state(result: ClusteringResult | None) -> dict[str, Any] | None:
     if result is None:
         return None
-    return {key: [torch.as_tensor(np.asarray(a)) for a in getattr(result, key)]
-            for key in RESULT_ARRAYS} | {"objective": list(result.objective)}
+    return {key: [torch.as_tensor(np.asarray(a)) for a in getattr(result, key)] for key in RESULT_ARRAYS} | {
+        key: list(getattr(result, key)) for key in RESULT_LISTS}
 
 
 def _result_from_state(state: dict[str, Any] | None) -> ClusteringResult | None:
@@ -163,7 +164,7 @@ def _result_from_state(state: dict[str, Any] | None) -> ClusteringResult | None:
     if "im2center" not in arrays:  # a checkpoint of an earlier version, with the unmerged votes of k clusters
         merged = [merge_centers(c, a) for c, a in zip(arrays["centers"], arrays["im2cluster"], strict=True)]
         arrays["centers"], arrays["im2center"] = [m[0] for m in merged], [m[1] for m in merged]
-    return ClusteringResult(**arrays, objective=list(state["objective"]))
+    return ClusteringResult(**arrays, **{key: list(state.get(key, [])) for key in RESULT_LISTS})
 
 
 def _retrieval_state(retrieval: Retrieval) -> dict[str, Any]:
@@ -182,15 +183,24 @@ def _record_state(record: EpochRecord) -> dict[str, Any]:
     retrieval = None if record.retrieval is None else {"map_at_k": dict(record.retrieval.map_at_k),
                                                        "gmap_l2": record.retrieval.gmap_l2}
     return {"epoch": record.epoch, "lr": record.lr, "stats": asdict(record.stats),
-            "cluster_seconds": record.cluster_seconds, "kmeans_objective": list(record.kmeans_objective),
-            "retrieval": retrieval, "distinct_centers": list(record.distinct_centers),
+            "cluster_seconds": record.cluster_seconds,
+            "clustering": None if record.clustering is None else asdict(record.clustering), "retrieval": retrieval,
             "sampler": None if record.sampler is None else asdict(record.sampler),
             "eval_seconds": record.eval_seconds}
+
+
+def _report_from_state(data: dict[str, Any]) -> RoundReport | None:
+    """The record's clustering report; a checkpoint of an earlier version kept only objective and distinct."""
+    if "clustering" in data:
+        return None if data["clustering"] is None else RoundReport(**data["clustering"])
+    if not data.get("kmeans_objective"):
+        return None
+    known = {"objective": list(data["kmeans_objective"]), "distinct": list(data.get("distinct_centers", []))}
+    return RoundReport(**{f.name: known.get(f.name, []) for f in fields(RoundReport)})
 
 
 def _record_from_state(data: dict[str, Any]) -> EpochRecord:
     sampler = data.get("sampler")
     return EpochRecord(data["epoch"], data["lr"], EpochStats(**data["stats"]), data["cluster_seconds"],
-                       list(data["kmeans_objective"]), _retrieval_from_state(data["retrieval"]),
-                       list(data.get("distinct_centers", [])),
+                       _report_from_state(data), _retrieval_from_state(data["retrieval"]),
                        None if sampler is None else SamplerDiagnostics(**sampler), data.get("eval_seconds", 0.0))

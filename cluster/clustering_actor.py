@@ -5,7 +5,7 @@ How the Train workers use it (every epoch >= ``cluster.warmup_epoch``)::
 
     actor = create_clustering_actor(cfg.cluster, num_shards=...)   # once, by the trainer/driver; pass the handle
     # on every rank, after encoding its partition without gradients:
-    ray.get(actor.submit.remote(epoch, rank, indices, features, codes))
+    ray.get(actor.submit.remote(epoch, rank, indices, features, codes, previous))   # previous: rank 0, or None
     result = ray.get(actor.result.remote(epoch, world_size, num_videos))   # blocks until all ranks submitted
 
 Every rank calls ``result``; the first call runs the clustering, later calls (and calls for the same epoch
@@ -15,13 +15,18 @@ needed. ``indices`` are video indices into the training split; padded partitions
 a few videos to equalise ranks) are de-duplicated by index, keeping the lowest rank's row. The assembled
 arrays must cover 0..N-1 exactly (N = ``num_videos`` if given, else max index + 1).
 
-``num_shards`` (the training entry maps a config key, e.g. ``cluster.num_shards``, to it) selects the
-backend: 1 runs ``autossvh.clustering.cluster_codes`` in the actor (faiss ``Clustering``, identical to the
-in-process computation); > 1 shards the points over ``KMeansShard`` actors and runs Lloyd iterations
-coordinated here (:func:`sharded_kmeans`, the pattern of faiss's ``distributed_kmeans.py``): shards compute
-assignments, per-centroid partial sums, counts and the objective; the coordinator updates the centroids.
-The sharded path is Lloyd k-means with its own seeded initialisation, so it is NOT bit-identical to faiss
-``Clustering`` (different RNG, no subsampling to ``max_points_per_centroid``), only equivalent in kind.
+Warm start: a round starts from the actor's own previous result, or from the ``previous`` result a rank hands
+in with its codes (the workers do so on their first round after a start or resume, from the checkpoint, and
+after a failed round, since a restarted actor is empty); without either the round is cold.
+
+``num_shards`` (``cluster.num_shards``) selects the backend: 1 runs ``autossvh.clustering.cluster_codes`` in
+the actor (faiss ``Clustering``, granularities in parallel over the actor's ``cluster.num_cpus`` threads);
+> 1 holds the points in ``KMeansShard`` actors behind faiss's ``DatasetAssign`` interface
+(:class:`ShardedDataset`), so faiss's own ``faiss.contrib.clustering.kmeans`` (Lloyd, empty clusters split
+as faiss does) runs the cold rounds unchanged. That function takes neither initial centroids nor a stopping
+rule, so a warm sharded round (:func:`refine_kmeans`) is the same iteration from the previous centroids,
+built from the same interface and faiss's ``reassign_centroids``. The sharded path is not bit-identical to
+faiss ``Clustering`` (another RNG, no subsampling to ``max_points_per_centroid``), only equivalent in kind.
 
 faiss-gpu is used only when :func:`autossvh.clustering.faiss_has_gpu` is true inside the actor process
 (faiss-cpu has no GPU classes); :meth:`ClusteringActor.info` reports the backend that ran.
@@ -29,6 +34,8 @@ faiss-gpu is used only when :func:`autossvh.clustering.faiss_has_gpu` is true in
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import threading
 import time
@@ -37,8 +44,17 @@ from typing import Any
 import faiss
 import numpy as np
 import ray
+from faiss.contrib.clustering import DatasetAssign, DatasetAssignGPU, reassign_centroids
+from faiss.contrib.clustering import kmeans as contrib_kmeans
 
-from autossvh.clustering import ClusteringResult, cluster_codes, faiss_has_gpu
+from autossvh.clustering import (
+    ClusteringResult,
+    KMeansRun,
+    check_num_cluster,
+    cluster_codes,
+    faiss_has_gpu,
+    warm_starts,
+)
 from autossvh.config import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -46,150 +62,141 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ClusteringActor",
     "KMeansShard",
+    "ShardedDataset",
     "assemble_partitions",
     "cluster_codes_sharded",
     "create_clustering_actor",
     "create_shards",
+    "refine_kmeans",
     "sharded_kmeans",
 ]
 
-# Relative perturbation used when an empty cluster is re-seeded by splitting another (faiss uses 1/1024).
-SPLIT_EPS = 1.0 / 1024.0
 
-
-def _flat_index(d: int, use_gpu: bool) -> faiss.Index:
-    """An exact L2 index, on the GPU only where faiss-gpu sees one."""
-    if use_gpu and faiss_has_gpu():
-        return faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), d, faiss.GpuIndexFlatConfig())
-    return faiss.IndexFlatL2(d)
+def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with stdout discarded: faiss's contrib k-means prints whatever ``verbose`` says."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
 
 
 class KMeansShard:
-    """One slice of the points for sharded k-means: the assignment step and the partial sums."""
+    """One slice of the points as a faiss ``DatasetAssign`` (``DatasetAssignGPU`` where faiss-gpu sees a GPU)."""
 
-    def __init__(self, x: np.ndarray | None = None) -> None:
-        self.use_gpu = faiss_has_gpu()
-        self.x = np.zeros((0, 0), dtype=np.float32)
-        if x is not None:
-            self.load(x)
+    def __init__(self, x: np.ndarray, threads: int = 1) -> None:
+        faiss.omp_set_num_threads(max(1, threads))
+        self.data = self._dataset(x)
+
+    @staticmethod
+    def _dataset(x: np.ndarray) -> DatasetAssign:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return DatasetAssignGPU(x, 0) if faiss_has_gpu() else DatasetAssign(x)
 
     def load(self, x: np.ndarray) -> int:
         """Replace the held points (n, d); returns n."""
-        self.x = np.ascontiguousarray(x, dtype=np.float32)
-        return len(self.x)
+        self.data = self._dataset(x)
+        return self.data.count()
 
-    def size(self) -> int:
-        return len(self.x)
+    def shape(self) -> tuple[int, int]:
+        return self.data.count(), self.data.dim()
 
-    def rows(self, local: np.ndarray) -> np.ndarray:
-        """The held rows at the given local positions (for initialisation)."""
-        return self.x[np.asarray(local, dtype=np.int64)]
+    def get_subset(self, local: np.ndarray) -> np.ndarray:
+        return self.data.get_subset(np.asarray(local, dtype=np.int64))
 
-    def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest centroid (n,) int64 and its squared L2 distance (n,) float32 for every held point."""
-        c = np.ascontiguousarray(centroids, dtype=np.float32)
-        index = _flat_index(c.shape[1], self.use_gpu)
-        index.add(c)
-        dist, idx = index.search(self.x, 1)
-        return idx[:, 0].astype(np.int64), dist[:, 0]
-
-    def step(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        """One Lloyd E-step: per-centroid sums (k, d) float64, counts (k,) int64 and the objective."""
-        k, d = centroids.shape
-        assign, dist = self.assign(centroids)
-        sums = np.zeros((k, d), dtype=np.float64)
-        np.add.at(sums, assign, self.x.astype(np.float64))
-        return sums, np.bincount(assign, minlength=k).astype(np.int64), float(dist.astype(np.float64).sum())
+    def assign_to(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Nearest centroid (n,), its squared distance (n,) and the per-centroid sums (k, d) of the held points."""
+        return self.data.assign_to(np.ascontiguousarray(centroids, dtype=np.float32))
 
 
-
-def create_shards(parts: list[np.ndarray], num_gpus: float = 0.0) -> list[Any]:
+def create_shards(parts: list[np.ndarray], num_cpus: int = 0, num_gpus: float = 0.0) -> list[Any]:
     """Start one ``KMeansShard`` actor per slice (each slice goes through the object store)."""
-    remote_cls = ray.remote(num_cpus=0, num_gpus=num_gpus)(KMeansShard)
-    return [remote_cls.remote(ray.put(np.ascontiguousarray(p, dtype=np.float32))) for p in parts]
+    remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(KMeansShard)
+    return [remote_cls.remote(ray.put(np.ascontiguousarray(p, dtype=np.float32)), num_cpus) for p in parts]
 
 
-def _update_centroids(sums: np.ndarray, counts: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """Lloyd M-step with deterministic empty-cluster handling.
+class ShardedDataset(DatasetAssign):
+    """faiss's ``DatasetAssign`` interface over ``KMeansShard`` actors, rows in shard order (shard 0 first)."""
 
-    An empty cluster takes a copy of the currently largest cluster (lowest index on ties) and the two are
-    pushed apart symmetrically: even dims x(1 +- eps), odd dims x(1 -/+ eps), as faiss's ``split_clusters``
-    does, but choosing the largest cluster instead of faiss's random size-weighted draw; the split cluster's
-    count is halved so the next empty one picks another.
-    """
-    k, d = old.shape
-    counts = counts.astype(np.float64).copy()
-    new = old.astype(np.float64).copy()
-    full = counts > 0
-    new[full] = sums[full] / counts[full, None]
-    sign = np.where(np.arange(d) % 2 == 0, 1.0, -1.0)
-    for ci in np.flatnonzero(~full):
-        cj = int(np.argmax(counts))
-        new[ci] = new[cj] * (1.0 + sign * SPLIT_EPS)
-        new[cj] = new[cj] * (1.0 - sign * SPLIT_EPS)
-        counts[ci] = counts[cj] / 2.0
-        counts[cj] -= counts[ci]
-    return new.astype(np.float32)
+    def __init__(self, shards: list[Any]) -> None:
+        self.shards = shards
+        shapes = ray.get([s.shape.remote() for s in shards])
+        self.sizes = [n for n, _ in shapes]
+        self.d = shapes[0][1]
 
+    def count(self) -> int:
+        return sum(self.sizes)
 
-def _init_centroids(shards: list[Any], sizes: list[int], k: int, seed: int) -> np.ndarray:
-    """k distinct points drawn uniformly (seeded) from the whole set, gathered from the shards holding them."""
-    n = sum(sizes)
-    picks = np.random.default_rng(seed).choice(n, size=k, replace=False)
-    offsets = np.cumsum([0, *sizes])
-    owner = np.searchsorted(offsets, picks, side="right") - 1
-    rows: dict[int, np.ndarray] = {}
-    refs = {s: shards[s].rows.remote(picks[owner == s] - offsets[s]) for s in np.unique(owner)}
-    for s, ref in refs.items():
-        for g, row in zip(picks[owner == s], ray.get(ref), strict=True):
-            rows[int(g)] = row
-    return np.stack([rows[int(g)] for g in picks]).astype(np.float32)
+    def dim(self) -> int:
+        return self.d
+
+    def get_subset(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at global ``indices``, gathered from the shards holding them, in the order given."""
+        indices = np.asarray(indices, dtype=np.int64)
+        offsets = np.cumsum([0, *self.sizes])
+        owner = np.searchsorted(offsets, indices, side="right") - 1
+        out = np.empty((len(indices), self.d), dtype=np.float32)
+        held = {s: np.flatnonzero(owner == s) for s in np.unique(owner)}
+        refs = {s: self.shards[s].get_subset.remote(indices[pos] - offsets[s]) for s, pos in held.items()}
+        for s, ref in refs.items():
+            out[held[s]] = ray.get(ref)
+        return out
+
+    def assign_to(self, centroids: np.ndarray, weights: np.ndarray | None = None):
+        if weights is not None:
+            raise ValueError("ShardedDataset: weighted k-means is not supported")
+        parts = ray.get([s.assign_to.remote(centroids) for s in self.shards])
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                np.sum([p[2] for p in parts], axis=0))
 
 
-def sharded_kmeans(
-    shards: list[Any], k: int, seed: int, niter: int, init_centroids: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Lloyd k-means over ``KMeansShard`` actor handles; the coordinator (this function) updates centroids.
+def refine_kmeans(data: DatasetAssign, init: np.ndarray, max_iter: int, tolerance: float,
+                  seed: int) -> tuple[np.ndarray, int]:
+    """Lloyd iterations from ``init`` until the objective improves by less than ``tolerance`` (relative), at
+    most ``max_iter``; empty clusters are split by faiss's ``reassign_centroids``. Returns (centroids, iterations)."""
+    rs = np.random.RandomState(seed)
+    centroids, last = np.array(init, dtype=np.float32), np.inf
+    for it in range(1, max_iter + 1):
+        assign, dist, sums = data.assign_to(centroids)
+        objective = float(dist.astype(np.float64).sum())
+        counts = np.bincount(assign, minlength=len(centroids))
+        centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        reassign_centroids(counts, centroids, rs)
+        if last - objective < tolerance * last:
+            return centroids, it
+        last = objective
+    return centroids, max_iter
 
-    Returns centroids (k, d), assignment (N,) and squared distances (N,) to the final centroids, in shard
-    order (shard 0's rows first), and the objective (sum of those squared distances).
-    """
-    sizes = ray.get([s.size.remote() for s in shards])
-    n = sum(sizes)
-    if k > n:
-        raise ValueError(f"cluster.num_cluster: {k} clusters requested but only {n} training videos")
-    if init_centroids is None:
-        centroids = _init_centroids(shards, sizes, k, seed)
+
+def sharded_kmeans(data: DatasetAssign, k: int, seed: int, cfg: ClusterConfig,
+                   init: np.ndarray | None = None) -> KMeansRun:
+    """k-means over a ``DatasetAssign``: cold, ``cfg.nredo`` runs of faiss's contrib k-means keeping the lowest
+    objective; or warm from ``init`` (:func:`refine_kmeans`)."""
+    check_num_cluster(k, data.count())
+    tic = time.perf_counter()
+    if init is not None:
+        centroids, iterations = refine_kmeans(data, init, cfg.niter * cfg.nredo, cfg.warm_tolerance, seed)
+        candidates = [centroids]
     else:
-        centroids = np.ascontiguousarray(init_centroids, dtype=np.float32)
-        if centroids.shape[0] != k:
-            raise ValueError(f"init_centroids has {centroids.shape[0]} rows, expected k={k}")
-    for it in range(niter):
-        parts = ray.get([s.step.remote(centroids) for s in shards])
-        sums = np.sum([p[0] for p in parts], axis=0)
-        counts = np.sum([p[1] for p in parts], axis=0)
-        log.debug("sharded k-means k=%d iter %d objective %.6g", k, it, sum(p[2] for p in parts))
-        centroids = _update_centroids(sums, counts, centroids)
-    final = ray.get([s.assign.remote(centroids) for s in shards])
-    assign = np.concatenate([f[0] for f in final])
-    sq_dist = np.concatenate([f[1] for f in final])
-    return centroids, assign, sq_dist, float(sq_dist.astype(np.float64).sum())
+        candidates = [_quiet(contrib_kmeans, k, data, niter=cfg.niter, seed=seed * 1000 + redo, verbose=False)
+                      for redo in range(cfg.nredo)]
+        iterations = cfg.niter * cfg.nredo
+    best = None
+    for centroids in candidates:
+        assign, dist, _ = data.assign_to(centroids)
+        if best is None or dist.astype(np.float64).sum() < best[2].astype(np.float64).sum():
+            best = (centroids, assign, dist)
+    centroids, assign, dist = best
+    return KMeansRun(np.asarray(centroids, np.float32), assign.astype(np.int64), dist, iterations,
+                     time.perf_counter() - tic, init is not None)
 
 
-def cluster_codes_sharded(shards: list[Any], codes: np.ndarray, cfg: ClusterConfig) -> ClusteringResult:
+def cluster_codes_sharded(data: ShardedDataset, codes: np.ndarray, cfg: ClusterConfig,
+                          previous: ClusteringResult | None = None) -> ClusteringResult:
     """``cluster_codes`` with sharded k-means: the shards hold the normalised mean codes (in the row order of
-    ``codes``); ``cfg.nredo`` seeded restarts per granularity keep the lowest objective, as faiss does."""
-    n = sum(ray.get([s.size.remote() for s in shards]))
-    if n != len(codes):
-        raise ValueError(f"cluster_codes_sharded: shards hold {n} rows but there are {len(codes)} code rows")
+    ``codes``); granularities run one after the other, each over all shards."""
+    if data.count() != len(codes):
+        raise ValueError(f"cluster_codes_sharded: shards hold {data.count()} rows but there are {len(codes)} code rows")
     result = ClusteringResult.empty()
-    for g, k in enumerate(cfg.num_cluster):
-        best = None
-        for redo in range(max(cfg.nredo, 1)):
-            run = sharded_kmeans(shards, k, seed=g * 1000 + redo, niter=cfg.niter)
-            if best is None or run[3] < best[3]:
-                best = run
-        result.add_granularity(codes, *best, cfg.kmeans_temperature)
+    for g, (k, init) in enumerate(zip(cfg.num_cluster, warm_starts(previous, cfg, data.dim()), strict=True)):
+        result.add_granularity(codes, sharded_kmeans(data, k, g, cfg, init), cfg.kmeans_temperature)
     return result
 
 
@@ -233,7 +240,9 @@ class ClusteringActor:
         self.num_shards = int(num_shards)
         self.shard_num_gpus = shard_num_gpus
         self.use_gpu = faiss_has_gpu()
+        faiss.omp_set_num_threads(max(1, cfg.num_cpus))
         self._shards: list[Any] = []
+        self._previous: ClusteringResult | None = None
         self._parts: dict[int, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._results: dict[int, ClusteringResult] = {}
         self._info: dict[int, dict[str, Any]] = {}
@@ -244,12 +253,16 @@ class ClusteringActor:
     def backend(self) -> str:
         return "faiss-gpu" if self.use_gpu else "faiss-cpu"
 
-    def submit(self, epoch: int, rank: int, indices: Any, features: Any, codes: Any) -> int:
-        """Store rank ``rank``'s partition for ``epoch`` (a resubmission replaces it); returns its row count."""
+    def submit(self, epoch: int, rank: int, indices: Any, features: Any, codes: Any,
+               previous: ClusteringResult | None = None) -> int:
+        """Store rank ``rank``'s partition for ``epoch`` (a resubmission replaces it); returns its row count.
+        ``previous``: the last round's result for a warm start, from a worker that knows it (see the module)."""
         part = (np.asarray(indices, dtype=np.int64).reshape(-1), np.asarray(features, np.float32), np.asarray(codes))
         if not (len(part[0]) == len(part[1]) == len(part[2])):
             raise ValueError(f"rank {rank}: {len(part[0])} indices, {len(part[1])} features, {len(part[2])} codes")
         with self._cond:
+            if previous is not None:
+                self._previous = previous
             self._parts.setdefault(int(epoch), {})[int(rank)] = part
             self._cond.notify_all()
         return len(part[0])
@@ -288,32 +301,31 @@ class ClusteringActor:
             return sorted(self._parts.get(int(epoch), {}))
 
     def info(self, epoch: int) -> dict[str, Any]:
-        """Metadata of an epoch's clustering: backend, number of videos/shards, seconds."""
+        """Metadata of an epoch's clustering: backend, number of videos/shards, seconds, warm or cold."""
         return dict(self._info[int(epoch)])
 
     def _compute(self, epoch: int, parts: list[Any], num_videos: int | None) -> ClusteringResult:
         features, codes = assemble_partitions(parts, num_videos)
         start = time.perf_counter()
         if self.num_shards == 1:
-            res = cluster_codes(features, codes, self.cfg, use_gpu=self.use_gpu)
+            res = cluster_codes(features, codes, self.cfg, use_gpu=self.use_gpu, previous=self._previous)
         else:
             for k in self.cfg.num_cluster:
-                if k > len(features):
-                    raise ValueError(
-                        f"cluster.num_cluster: {k} clusters requested but only {len(features)} training videos"
-                    )
+                check_num_cluster(k, len(features))
             slices = np.array_split(features, self.num_shards)
             if not self._shards:
-                self._shards = create_shards(slices, self.shard_num_gpus)
+                self._shards = create_shards(slices, self.cfg.num_cpus, self.shard_num_gpus)
             else:
                 ray.get([s.load.remote(ray.put(p)) for s, p in zip(self._shards, slices, strict=True)])
-            res = cluster_codes_sharded(self._shards, codes, self.cfg)
+            res = cluster_codes_sharded(ShardedDataset(self._shards), codes, self.cfg, self._previous)
         seconds = time.perf_counter() - start
-        self._results[epoch] = res
+        self._results[epoch], self._previous = res, res
         self._info[epoch] = {
             "backend": self.backend(), "num_videos": len(features), "num_shards": self.num_shards, "seconds": seconds,
+            "warm": all(res.warm),
         }
-        log.info("epoch %d: clustered %d videos at k=%s in %.2f s", epoch, len(features), self.cfg.num_cluster, seconds)
+        log.info("epoch %d: clustered %d videos at k=%s in %.2f s (%s)", epoch, len(features), self.cfg.num_cluster,
+                 seconds, "warm" if all(res.warm) else "cold")
         return res
 
 
@@ -330,7 +342,7 @@ def create_clustering_actor(
 
     A killed actor is restarted (up to ``max_restarts`` times) empty; calls in flight fail, and the Train workers
     redo that epoch's round on the restarted actor (``cluster.train``)."""
-    options: dict[str, Any] = {"num_cpus": 0, "num_gpus": num_gpus, "max_concurrency": max_concurrency,
+    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": num_gpus, "max_concurrency": max_concurrency,
                                "max_restarts": max_restarts}
     if name is not None:
         options["name"] = name

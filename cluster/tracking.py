@@ -296,19 +296,20 @@ def epoch_step(epoch: int) -> int:
 def epoch_metrics(record: EpochRecord, num_cluster: Sequence[int] | None = None) -> dict[str, float]:
     """Metric name → value for one epoch, grouped by prefix so that the MLflow UI groups the charts:
     ``loss/`` (total and unweighted parts), ``map/`` (mAP@K and GMAP), ``train/``, ``time/`` (seconds),
-    ``cluster/`` (k-means objective and distinct voted centres by granularity k, ``..._k{k}``; ``..._{i}``
-    without ``num_cluster``) and ``sampler/`` (the sampler's diagnostics)."""
+    ``cluster/`` (by granularity k, ``..._k{k}``, or ``..._{i}`` without ``num_cluster``: the k-means objective,
+    iterations and seconds, empty and merged clusters, distinct voted centres, warm start 1 or 0) and
+    ``sampler/`` (the sampler's diagnostics)."""
     s = record.stats
     metrics = {
         "loss/total": s.loss, "loss/rec": s.rec, "loss/vc": s.vc, "loss/p2set": s.p2set,
         "train/lr": record.lr, "train/videos_per_s": s.videos_per_s, "train/skipped_steps": float(s.skipped_steps),
         "time/train_s": s.seconds, "time/cluster_s": record.cluster_seconds, "time/eval_s": record.eval_seconds,
     }
-    for prefix, values in (("cluster/kmeans_objective", record.kmeans_objective),
-                           ("cluster/distinct_centers", record.distinct_centers)):
+    per_granularity = {} if record.clustering is None else record.clustering.metrics()
+    for name, values in per_granularity.items():
         for i, value in enumerate(values):
             suffix = f"k{num_cluster[i]}" if num_cluster and i < len(num_cluster) else str(i)
-            metrics[f"{prefix}_{suffix}"] = value
+            metrics[f"cluster/{name}_{suffix}"] = value
     if record.sampler is not None:
         metrics.update(record.sampler.metrics())
     if record.retrieval is not None:

@@ -34,7 +34,9 @@ Evaluation (:class:`EvalReader`) reads rank ``r``'s contiguous block ``[r * N //
 world_size)`` (no padding, no repeats) in order, batch by batch; with DataLoader workers, worker ``w`` reads
 batches ``w, w + W, ...`` and the DataLoader's round-robin returns them in order.
 
-Both yield ``(features float32 (B, T, F), video index int64 (B,))``. The store is opened lazily in the
+Both yield ``(features float32 (B, T, F), video index int64 (B,))``; an :class:`EvalReader` with ``dtype=None``
+yields the features as stored (float16: half the bytes to queue, pin and copy to a GPU), for a consumer that
+converts each batch where it computes (``autossvh.engine.encode``). The store is opened lazily in the
 process that iterates (never pickled), and :func:`make_loader` starts workers with ``forkserver`` (``spawn``
 where it is missing), never ``fork``: a forked child of a process that has touched zarr's event loop or an
 fsspec filesystem can deadlock.
@@ -317,15 +319,16 @@ class TrainReader(_SplitReader):
 
 class EvalReader(_SplitReader):
     """Ordered batches of rank ``rank``'s contiguous block of ``split`` (:func:`eval_range`), or of the videos
-    ``rows = (start, stop)`` when given, for encoding.
+    ``rows = (start, stop)`` when given, for encoding; features in ``dtype`` (None: the stored dtype, unconverted).
 
     A ``batch_size`` that is a multiple of the store's ``chunk_videos`` keeps reads chunk-aligned; otherwise a
     chunk that straddles two batches is read twice."""
 
     def __init__(self, url: str, split: str, batch_size: int = 256, rank: int = 0, world_size: int = 1,
                  storage_options: dict[str, Any] | None = None, readahead: int = DEFAULT_READAHEAD,
-                 rows: tuple[int, int] | None = None) -> None:
+                 rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32) -> None:
         super().__init__(url, split, batch_size, rank, world_size, storage_options, readahead)
+        self.out_dtype = dtype
         self.start, self.stop = eval_range(self.num_videos, rank, world_size) if rows is None else rows
         if not 0 <= self.start <= self.stop <= self.num_videos:
             raise ValueError(f"rows {self.start}:{self.stop} are outside split {split!r} of {self.num_videos} videos")
@@ -333,12 +336,19 @@ class EvalReader(_SplitReader):
     def __len__(self) -> int:
         return num_batches(self.stop - self.start, self.batch_size, drop_last=False)
 
+    @property
+    def batch_bytes(self) -> int:
+        """Bytes of one batch as yielded (in ``dtype``)."""
+        itemsize = self.dtype.itemsize if self.out_dtype is None else self.out_dtype.itemsize
+        return self.batch_size * math.prod(self.frame_shape) * itemsize
+
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = _worker()
         starts = self.start + np.arange(worker, len(self), workers, dtype=np.int64) * self.batch_size
         ranges = np.stack([starts, np.minimum(starts + self.batch_size, self.stop)], axis=1)
         for ids, feats in _read_ahead(self._arrays(), ranges, self.readahead, self._read_error, self._check_finite):
-            yield torch.from_numpy(feats).float(), torch.from_numpy(ids)
+            batch = torch.from_numpy(feats)
+            yield (batch if self.out_dtype is None else batch.to(self.out_dtype)), torch.from_numpy(ids)
 
 
 def use_mmap_for_large_buffers(threshold: int) -> bool:

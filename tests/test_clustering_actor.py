@@ -1,5 +1,6 @@
-"""The clustering actor on a real local Ray: same result as in-process clustering, sharded k-means equals
-single-shard and a numpy Lloyd k-means, clear errors for missing partitions and too many clusters."""
+"""The clustering actor on a real local Ray: same result as in-process clustering, the sharded k-means behind
+faiss's DatasetAssign equals the same k-means on one in-memory DatasetAssign, warm rounds across epochs and
+after a hand-over, clear errors for missing partitions and too many clusters."""
 
 import os
 
@@ -9,14 +10,16 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
+from faiss.contrib.clustering import DatasetAssign  # noqa: E402
 
 from autossvh.clustering import cluster_codes  # noqa: E402
 from autossvh.config import ClusterConfig  # noqa: E402
 from cluster.clustering_actor import (  # noqa: E402
-    _update_centroids,
+    ShardedDataset,
     cluster_codes_sharded,
     create_clustering_actor,
     create_shards,
+    refine_kmeans,
     sharded_kmeans,
 )
 
@@ -55,17 +58,6 @@ def load(shard_handles, x: np.ndarray, count: int) -> list:
     return shard_handles[:count]
 
 
-def numpy_lloyd(x: np.ndarray, init: np.ndarray, niter: int) -> tuple[np.ndarray, np.ndarray]:
-    c = init.astype(np.float64)
-    for _ in range(niter):
-        a = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
-        counts = np.bincount(a, minlength=len(c))
-        sums = np.zeros_like(c)
-        np.add.at(sums, a, x.astype(np.float64))
-        c = _update_centroids(sums, counts, c.astype(np.float32)).astype(np.float64)
-    return c, np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
-
-
 def test_actor_matches_in_process(ray_local):
     x, codes = blobs()
     cfg = ClusterConfig(num_cluster=[4, 8], niter=10, nredo=2)
@@ -89,40 +81,60 @@ def test_actor_matches_in_process(ray_local):
     ray.kill(actor)
 
 
+def drifted(x: np.ndarray, scale: float = 0.05, seed: int = 9) -> np.ndarray:
+    """``x`` moved a little and renormalised, as codes move from one epoch to the next."""
+    y = x + scale * np.random.default_rng(seed).normal(size=x.shape)
+    return (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+
+
 @pytest.mark.parametrize("k", [4, 7])
-def test_sharded_equals_single_and_numpy(shards, k):
+def test_sharded_equals_in_memory_dataset(shards, k):
+    """contrib k-means over the shard actors is the same computation as over one in-memory DatasetAssign."""
     x, _ = blobs(seed=k)
-    init = x[np.random.default_rng(k).choice(N, k, replace=False)]
-    runs = {c: sharded_kmeans(load(shards, x, c), k, seed=0, niter=8, init_centroids=init) for c in (1, 2, 3)}
-    for c in (2, 3):
-        np.testing.assert_allclose(runs[c][0], runs[1][0], atol=1e-6)
-        np.testing.assert_array_equal(runs[c][1], runs[1][1])
-        np.testing.assert_allclose(runs[c][2], runs[1][2], atol=1e-5)
-        assert runs[c][3] == pytest.approx(runs[1][3], rel=1e-6)
-    ref_c, ref_a = numpy_lloyd(x, init, niter=8)
-    np.testing.assert_allclose(runs[1][0], ref_c, atol=1e-5)
-    np.testing.assert_array_equal(runs[1][1], ref_a)
+    cfg = ClusterConfig(num_cluster=[k], niter=8, nredo=2)
+    want = sharded_kmeans(DatasetAssign(x), k, seed=0, cfg=cfg)
+    for count in (1, 2, 3):
+        run = sharded_kmeans(ShardedDataset(load(shards, x, count)), k, seed=0, cfg=cfg)
+        np.testing.assert_array_equal(run.assign, want.assign)
+        np.testing.assert_allclose(run.centroids, want.centroids, atol=1e-5)
+        assert run.objective == pytest.approx(want.objective, rel=1e-5)
+        assert run.iterations == 16 and not run.warm
 
 
-def test_sharded_seeded_init_and_result_fields(shards):
+def test_sharded_dataset_gathers_rows_in_order(shards):
+    x, _ = blobs(seed=5)
+    data = ShardedDataset(load(shards, x, 3))
+    picks = np.array([299, 0, 150, 101, 100, 7])
+    assert data.count() == N and data.dim() == D
+    np.testing.assert_array_equal(data.get_subset(picks), x[picks])
+
+
+def test_refine_stops_when_the_objective_stops_improving():
+    x, _ = blobs(seed=6)
+    cfg = ClusterConfig(num_cluster=[6], niter=10, nredo=3)
+    cold = sharded_kmeans(DatasetAssign(x), 6, seed=0, cfg=cfg)
+    y = drifted(x)
+    warm = sharded_kmeans(DatasetAssign(y), 6, seed=0, cfg=cfg, init=cold.centroids)
+    assert warm.warm and warm.iterations < cfg.niter * cfg.nredo
+    recold = sharded_kmeans(DatasetAssign(y), 6, seed=0, cfg=cfg)
+    assert warm.objective <= recold.objective * (1 + 1e-3)
+    _, iterations = refine_kmeans(DatasetAssign(y), cold.centroids, max_iter=2, tolerance=0.0, seed=0)
+    assert iterations == 2  # a zero tolerance runs to the cap
+
+
+def test_sharded_result_fields_and_warm_round(shards):
     x, codes = blobs(seed=3)
     cfg = ClusterConfig(num_cluster=[4, 6], niter=6, nredo=2)
-    a = cluster_codes_sharded(load(shards, x, 3), codes, cfg)
-    b = cluster_codes_sharded(load(shards, x, 2), codes, cfg)  # same seeded init across shard counts
+    a = cluster_codes_sharded(ShardedDataset(load(shards, x, 3)), codes, cfg)
+    b = cluster_codes_sharded(ShardedDataset(load(shards, x, 2)), codes, cfg)  # same seeded init across shard counts
     for g, k in enumerate(cfg.num_cluster):
         np.testing.assert_array_equal(a.im2cluster[g], b.im2cluster[g])
         np.testing.assert_allclose(a.centroids[g], b.centroids[g], atol=1e-5)
-        assert a.centers[g].shape == (k, D) and a.density[g].shape == (k,)
+        assert a.density[g].shape == (k,) and len(a.centers[g]) == a.num_distinct[g]
         assert np.allclose(np.linalg.norm(a.centroids[g], axis=1), 1.0, atol=1e-5)
-
-
-def test_empty_cluster_is_split_deterministically():
-    old = np.array([[1.0, 2.0], [9.0, 9.0], [3.0, 3.0]], np.float32)
-    sums = np.array([[10.0, 20.0], [0.0, 0.0], [3.0, 3.0]])
-    new = _update_centroids(sums, np.array([5, 0, 1]), old)
-    np.testing.assert_allclose(new[0] + new[1], 2 * np.array([2.0, 4.0]), rtol=1e-6)
-    assert not np.allclose(new[0], new[1])
-    np.testing.assert_allclose(new[2], [3.0, 3.0])
+    assert a.warm == [False, False]
+    warm = cluster_codes_sharded(ShardedDataset(load(shards, drifted(x), 3)), codes, cfg, previous=a)
+    assert warm.warm == [True, True] and all(i < 12 for i in warm.iterations)
 
 
 def test_missing_partition_raises(ray_local):
@@ -153,11 +165,37 @@ def test_actor_sharded_backend(ray_local):
     actor = create_clustering_actor(cfg, num_shards=2)
     ray.get(actor.submit.remote(1, 0, np.arange(N)[::-1], x[::-1], codes[::-1]))
     res = ray.get(actor.result.remote(1, 1, N))
-    helpers = create_shards(np.array_split(x, 2))
-    want = cluster_codes_sharded(helpers, codes, cfg)
+    want = cluster_codes_sharded(ShardedDataset(create_shards(np.array_split(x, 2))), codes, cfg)
     np.testing.assert_array_equal(res.im2cluster[0], want.im2cluster[0])
     np.testing.assert_array_equal(res.centers[0], want.centers[0])
     np.testing.assert_allclose(res.density[0], want.density[0], rtol=1e-5)
     assert ray.get(actor.info.remote(1))["num_shards"] == 2
-    for handle in [actor, *helpers]:
-        ray.kill(handle)
+    ray.kill(actor)
+
+
+def test_actor_rounds_are_warm_after_the_first_and_after_a_hand_over(ray_local):
+    """Epoch 2 starts from epoch 1's result; a fresh actor (a restart or resume) is warm only when a rank hands
+    it the previous result, and then computes what the first actor computed."""
+    x, codes = blobs(seed=8)
+    cfg = ClusterConfig(num_cluster=[4, 6], niter=6, nredo=2, num_cpus=2)
+    first = create_clustering_actor(cfg)
+    ray.get(first.submit.remote(1, 0, np.arange(N), x, codes))
+    cold = ray.get(first.result.remote(1, 1, N))
+    y = drifted(x)
+    ray.get(first.submit.remote(2, 0, np.arange(N), y, codes))
+    warm = ray.get(first.result.remote(2, 1, N))
+    assert cold.warm == [False, False] and warm.warm == [True, True]
+    assert ray.get(first.info.remote(2))["warm"]
+    ray.kill(first)  # frees its two CPUs
+    restarted = create_clustering_actor(cfg)
+    ray.get(restarted.submit.remote(2, 0, np.arange(N), y, codes, cold))
+    handed = ray.get(restarted.result.remote(2, 1, N))
+    for g in range(2):
+        np.testing.assert_array_equal(handed.im2cluster[g], warm.im2cluster[g])
+    ray.get(restarted.submit.remote(3, 0, np.arange(N), y, codes))  # no hand-over: its own last round
+    assert ray.get(restarted.result.remote(3, 1, N)).warm == [True, True]
+    ray.kill(restarted)
+    empty = create_clustering_actor(cfg)
+    ray.get(empty.submit.remote(2, 0, np.arange(N), y, codes))
+    assert ray.get(empty.result.remote(2, 1, N)).warm == [False, False]
+    ray.kill(empty)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from autossvh.baselines import ITQ, mean_pool, random_projection_codes
+from autossvh.config import build_config
 from autossvh.engine import (
     NonFiniteGuard,
     NonFiniteLossError,
@@ -206,3 +207,52 @@ def test_autocast_is_bf16_where_the_hardware_has_it():
     if torch.cuda.is_available():
         with autocast(torch.device("cuda"), enabled=True):
             assert torch.get_autocast_dtype("cuda") == torch.bfloat16
+
+
+def _encode_as_before(model: AutoSSVH, batches: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """The encoding before it ran as inference: float32 batches, no_grad, one autocast region per batch."""
+    from autossvh.engine import autocast
+    from autossvh.model import video_codes
+
+    codes, features = [], []
+    model.eval()
+    with torch.no_grad():
+        for feats in batches:
+            with autocast(torch.device("cpu"), model.cfg.train.amp):
+                frame_codes = model.encode_frames(feats.float())
+            code, feature = video_codes(frame_codes.float())
+            codes.append(code.to(torch.int8))
+            features.append(feature)
+    return torch.cat(codes).numpy(), torch.cat(features).numpy()
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_encode_of_stored_float16_equals_the_previous_float32_encoding(amp: bool):
+    """Float16 batches (as stored) encode bit for bit like the float32 batches the readers used to produce: in
+    fp32, and under bf16 autocast where the CPU has it (float16 -> bf16 rounds as float16 -> float32 -> bf16)."""
+    cfg = tiny_config(f"train.amp={str(amp).lower()}", "model.encoder_depth=3")
+    model = AutoSSVH(cfg)
+    feats = torch.from_numpy(np.random.default_rng(1).normal(size=(45, 8, 16)).astype(np.float16))
+    batches = list(feats.split(16))
+    codes, features = _encode_as_before(model, [b.float() for b in batches])
+    model.train()
+    encoded = encode(model, batches)
+    assert model.training  # the mode is restored
+    np.testing.assert_array_equal(encoded.codes, codes)
+    np.testing.assert_array_equal(encoded.features, features)
+    assert encoded.features.dtype == np.float32 and encoded.codes.dtype == np.int8
+
+
+def test_encode_batch_size_fits_its_budget_in_whole_chunks(monkeypatch: pytest.MonkeyPatch):
+    from autossvh import engine
+
+    cfg = build_config("ucf101")
+    cpu = torch.device("cpu")
+    assert engine.encode_batch_size(cfg, cpu, 2, 16) == 128  # the CPU budget holds about the measured best
+    monkeypatch.setitem(engine.ENCODE_BUDGET_BYTES, "cpu", 1 << 30)
+    batch = engine.encode_batch_size(cfg, cpu, stored_itemsize=2, multiple_of=16)
+    features = 25 * 4096 * (2 + 4)  # a video's features as stored and in fp32; activations add less than that
+    assert batch % 16 == 0 and batch * features <= 1 << 30 < (batch + 16) * 2 * features
+    assert engine.encode_batch_size(cfg, torch.device("cuda"), 2, 16) > 128  # a larger budget on a GPU
+    monkeypatch.setitem(engine.ENCODE_BUDGET_BYTES, "cpu", 1 << 20)  # less than one video: the floor applies
+    assert engine.encode_batch_size(cfg, cpu, 2, 16) == cfg.train.test_batch_size

@@ -153,5 +153,5 @@ def test_gpu_requests_fall_back_to_cpu_faiss():
     cfg = build_config("ucf101").cluster
     on_cpu = kmeans(x, 5, 0, cfg, use_gpu=False)
     asked_gpu = kmeans(x, 5, 0, cfg, use_gpu=True)
-    np.testing.assert_array_equal(on_cpu[1], asked_gpu[1])
-    np.testing.assert_allclose(on_cpu[0], asked_gpu[0])
+    np.testing.assert_array_equal(on_cpu.assign, asked_gpu.assign)
+    np.testing.assert_allclose(on_cpu.centroids, asked_gpu.centroids)

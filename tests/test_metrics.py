@@ -1,5 +1,6 @@
 """Retrieval metrics: the REFERENCE.md §8.4 test vector, equality with a dense reference, PR, GMAP, plots."""
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -145,9 +146,15 @@ def test_ranking_and_map_equal_dense_reference(chunk_size: int | None) -> None:
 
 
 def test_never_builds_a_full_query_by_database_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every distance matrix is a chunk of query rows: spy on the matmuls of both kernels."""
+    """Both functions work on chunks of query rows: spy on the faiss searches of map_at_k and the matmuls of
+    precision_recall_by_radius."""
+    searched: list[int] = []
     shapes: list[tuple[int, ...]] = []
-    real_mm, real_addmm = torch.mm, torch.Tensor.addmm_
+    real_search, real_mm, real_addmm = faiss.IndexBinaryFlat.search, torch.mm, torch.Tensor.addmm_
+
+    def search(self, x, k, **kw):
+        searched.append(x.shape[0])
+        return real_search(self, x, k, **kw)
 
     def mm(a, b, **kw):
         shapes.append((a.shape[0], b.shape[1]))
@@ -157,24 +164,79 @@ def test_never_builds_a_full_query_by_database_matrix(monkeypatch: pytest.Monkey
         shapes.append(tuple(self.shape))
         return real_addmm(self, a, b, **kw)
 
+    monkeypatch.setattr(faiss.IndexBinaryFlat, "search", search)
     monkeypatch.setattr(torch, "mm", mm)
     monkeypatch.setattr(torch.Tensor, "addmm_", addmm_)
     q, db, lq, ldb = _tied_data(120, 300, 16, seed=8)
     map_at_k(q, db, lq, ldb, ks=(5,), chunk_size=25)
     precision_recall_by_radius(q, db, lq, ldb, chunk_size=25)
+    assert searched == [25, 25, 25, 25, 20]
     assert {s for s in shapes if s[1] == 300} == {(25, 300), (20, 300)}
 
 
-def test_float64_key_path_equals_dense(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large (nbits + 1) * N_db switch the ranking key to float64; force that path on small data."""
-    monkeypatch.setattr(metrics, "_FLOAT32_EXACT", 1)
-    q, db, lq, ldb = _tied_data(50, 200, 16, seed=2)
-    dist = 0.5 * (16 - q.astype(np.float64) @ db.astype(np.float64).T)
-    idx, _ = hamming_ranking(q, db, 200, chunk_size=9)
-    np.testing.assert_array_equal(idx, np.argsort(dist, axis=1, kind="stable"))
-    ks = (3, 50, 200)
-    got, ref = map_at_k(q, db, lq, ldb, ks=ks, chunk_size=9), _dense_map(q, db, lq, ldb, ks)
-    assert got == pytest.approx(ref, abs=1e-12)
+def _stable_reference(q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Full ranking by brute force: protocol distances and a stable argsort (ties by ascending index)."""
+    dist = 0.5 * (q.shape[1] - q.astype(np.float64) @ db.astype(np.float64).T)
+    order = np.argsort(dist, axis=1, kind="stable")
+    return order, np.take_along_axis(dist, order, axis=1)
+
+
+@pytest.mark.parametrize("zero_frac", [0.0, 0.1])
+@pytest.mark.parametrize(("n_q", "n_db", "nbits"), [(90, 400, 4), (400, 150, 5), (60, 500, 8)])
+def test_ranking_and_map_equal_brute_force_under_heavy_ties(
+    n_q: int, n_db: int, nbits: int, zero_frac: float
+) -> None:
+    """4-8 bits leave a handful of distances, so nearly every cut-off falls inside a run of ties."""
+    q, db, lq, ldb = _tied_data(n_q, n_db, nbits, seed=nbits, zero_frac=zero_frac)
+    assert np.any(q == 0) == (zero_frac > 0)
+    order, dist = _stable_reference(q, db)
+    ks = (1, 3, 10, 37, n_db // 2, n_db)
+    straddle = dist[:, [k - 1 for k in ks[:-1]]] == dist[:, list(ks[:-1])]
+    assert straddle.mean() > 0.8  # the K-th item ties with the next one almost everywhere
+    for k in (1, 10, n_db):
+        idx, d = hamming_ranking(q, db, k, chunk_size=17)
+        np.testing.assert_array_equal(idx, order[:, :k])
+        np.testing.assert_array_equal(d, dist[:, :k])
+    assert map_at_k(q, db, lq, ldb, ks=ks) == pytest.approx(_dense_map(q, db, lq, ldb, ks), abs=1e-12)
+
+
+@pytest.mark.parametrize("side", ["query", "database"])
+def test_zeros_on_one_side_only_take_the_exact_path(side: str) -> None:
+    """A 0 on either side switches both to the 0-aware packing: 0.5 per 0 bit, also against a +-1 code."""
+    q, db, lq, ldb = _tied_data(80, 300, 6, seed=11, zero_frac=0.0)
+    codes = q if side == "query" else db
+    codes[np.random.default_rng(12).random(codes.shape) < 0.15] = 0.0
+    order, dist = _stable_reference(q, db)
+    idx, d = hamming_ranking(q, db, 300)
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_array_equal(d, dist)
+    ks = (1, 7, 50, 300)
+    assert map_at_k(q, db, lq, ldb, ks=ks) == pytest.approx(_dense_map(q, db, lq, ldb, ks), abs=1e-12)
+
+
+def test_ties_stay_in_index_order_across_faiss_database_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss scans the database in blocks of ``hamming_batch_size`` items; tiny blocks split every tie run."""
+    monkeypatch.setattr(faiss.cvar, "hamming_batch_size", 7)
+    q, db, _, _ = _tied_data(50, 400, 5, seed=13)
+    order, _ = _stable_reference(q, db)
+    np.testing.assert_array_equal(hamming_ranking(q, db, 120)[0], order[:, :120])
+
+
+def test_bounded_faiss_query_batch_gives_the_same_ranking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large k shrinks faiss's query batch (to one query here); the ranking does not change."""
+    q, db, _, _ = _tied_data(40, 250, 8, seed=14)
+    expected = hamming_ranking(q, db, 250)
+    monkeypatch.setattr(metrics, "_KNN_BUFFER_BYTES", 1)
+    got = hamming_ranking(q, db, 250)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_map_does_not_depend_on_the_chunking() -> None:
+    """The AP sums are exact integers per rank, so every chunk size gives bit-identical mAP values."""
+    q, db, lq, ldb = _tied_data(200, 700, 16, seed=15)
+    results = [map_at_k(q, db, lq, ldb, ks=_KS, chunk_size=c) for c in (None, 1, 13, 200)]
+    assert all(r == results[0] for r in results[1:])
 
 
 def test_wide_labels_and_64_bits() -> None:

@@ -237,3 +237,14 @@ def test_reader_on_s3(s3_options: dict[str, Any]) -> None:
     np.testing.assert_array_equal(np.concatenate([i.numpy() for _, i in batches]), np.arange(DATABASE))
     for feats, index in batches:
         np.testing.assert_array_equal(feats.numpy(), expected_feats(index.numpy()))
+
+
+def test_eval_reader_yields_stored_float16_on_request(disk_store: str) -> None:
+    as_float32 = EvalReader(disk_store, "train", batch_size=8, rank=1, world_size=2)
+    as_stored = EvalReader(disk_store, "train", batch_size=8, rank=1, world_size=2, dtype=None)
+    assert as_stored.batch_bytes * 2 == as_float32.batch_bytes
+    for (a, ia), (b, ib) in zip(as_float32, make_loader(as_stored), strict=True):
+        assert a.dtype == torch.float32 and b.dtype == torch.float16
+        np.testing.assert_array_equal(ia.numpy(), ib.numpy())
+        np.testing.assert_array_equal(b.float().numpy(), a.numpy())
+        np.testing.assert_array_equal(b.numpy(), expected_feats(ib.numpy()))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from autossvh.clustering import RoundReport
 from autossvh.engine import EpochStats, Retrieval, encode
 from autossvh.model import AutoSSVH
 from autossvh.trainer import EpochRecord
@@ -34,6 +35,12 @@ def _start(store: dict[str, str], **kwargs) -> mlflow.ActiveRun:
                               **kwargs)
 
 
+def _report(epoch: int) -> RoundReport:
+    """A clustering round at two granularities, cold in epoch 1 and warm afterwards."""
+    return RoundReport(objective=[10.0 - epoch, 20.0 - epoch], iterations=[40, 60] if epoch == 1 else [3, 4],
+                       seconds=[0.2, 0.3], empty=[0, 1], merged=[0, 2], distinct=[3, 2], warm=[epoch > 1] * 2)
+
+
 def _history(epochs: int = 3, with_pr: bool = True) -> list[EpochRecord]:
     history = []
     for epoch in range(epochs):
@@ -44,8 +51,7 @@ def _history(epochs: int = 3, with_pr: bool = True) -> list[EpochRecord]:
         pr = (radii, np.linspace(1.0, 0.2, 17), np.linspace(0.0, 1.0, 17)) if with_pr else None
         retrieval = Retrieval(maps, float(np.linalg.norm(list(maps.values()))), pr)
         history.append(EpochRecord(epoch=epoch, lr=1e-4 * 0.9**epoch, stats=stats, cluster_seconds=0.5 * epoch,
-                                   kmeans_objective=[10.0 - epoch, 20.0 - epoch] if epoch else [],
-                                   retrieval=retrieval))
+                                   clustering=_report(epoch) if epoch else None, retrieval=retrieval))
     return history
 
 
@@ -80,13 +86,18 @@ def test_epoch_metrics_have_steps(store: dict[str, str]) -> None:
     client = MlflowClient(store["uri"])
     metrics = client.get_run(run.info.run_id).data.metrics
     expected = {"loss/total", "loss/rec", "loss/vc", "loss/p2set", "train/lr", "train/videos_per_s",
-                "train/skipped_steps", "time/train_s", "time/cluster_s", "time/eval_s", "cluster/kmeans_objective_k3",
-                "cluster/kmeans_objective_k5", "map/at_5", "map/at_20", "map/gmap_l2"}
+                "train/skipped_steps", "time/train_s", "time/cluster_s", "time/eval_s", "map/at_5", "map/at_20",
+                "map/gmap_l2"} | {f"cluster/{name}_k{k}" for k in (3, 5) for name in (
+                    "kmeans_objective", "kmeans_iterations", "kmeans_seconds", "empty_clusters", "merged_clusters",
+                    "distinct_centers", "warm_start")}
     assert set(metrics) == expected  # every name in a group the UI charts together
     loss = client.get_metric_history(run.info.run_id, "loss/total")
     assert sorted((m.step, m.value) for m in loss) == [(1, 3.0), (2, 2.0), (3, 1.0)]  # epochs counted from 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "cluster/kmeans_objective_k5")] == [2, 3]
     assert metrics["train/videos_per_s"] == pytest.approx(40.0)
+    warm = client.get_metric_history(run.info.run_id, "cluster/warm_start_k3")
+    assert sorted((m.step, m.value) for m in warm) == [(2, 0.0), (3, 1.0)]
+    assert metrics["cluster/kmeans_iterations_k5"] == 4 and metrics["cluster/merged_clusters_k5"] == 2
 
 
 def test_final_artifacts(store: dict[str, str], tmp_path: Path) -> None:

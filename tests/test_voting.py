@@ -144,6 +144,6 @@ def test_clustering_merges_coinciding_votes() -> None:
     features = codes / np.sqrt(8) + 0.01 * rng.standard_normal(codes.shape)
     result = ClusteringResult.empty()
     cfg = ClusterConfig(num_cluster=[12], nredo=1)
-    result.add_granularity(codes, *kmeans(features.astype(np.float32), 12, 0, cfg), 0.2)
+    result.add_granularity(codes, kmeans(features.astype(np.float32), 12, 0, cfg), 0.2)
     assert result.num_distinct == [3]  # 12 k-means clusters over 3 codes: three distinct centres
     np.testing.assert_array_equal(result.centers[0][result.im2center[0]], codes)
