@@ -3,13 +3,17 @@
 ``jobs/search.py`` is argument parsing plus :func:`main`. A query is either a stored video's code
 (``--query ID``; the video itself comes back at distance 0, as the evaluation protocol counts the self-match)
 or the codes that an MLflow model (``--model models:/NAME@ALIAS`` or ``runs:/...``, the pyfunc of
-``cluster.tracking.log_model``) computes from a ``.npy`` file of frame features (``--features``).
+``cluster.tracking.log_model``) computes from a ``.npy`` file of frame features (``--features``) or from video
+files (``--video``): these go through the extractor the code store's feature store was written with
+(``jobs/extract.py``; its ``sources.extraction``: backbone, weights, frames, preprocessing), in this process, and
+are rounded to that store's dtype, so a new mp4 is encoded exactly as the stored videos were.
 Ranking and index kinds are :mod:`autossvh.search`'s: ascending Hamming distance, then ascending store row.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -84,6 +88,27 @@ def load_features(path: Path) -> np.ndarray:
     return feats.astype(np.float32, copy=False)
 
 
+def video_features(args: argparse.Namespace, store: CodeStore) -> np.ndarray:
+    """Features (N, T, F) of the ``--video`` files through the extractor of the feature store the codes came from
+    (or ``--extracted-store``), rounded to that store's dtype."""
+    from storage.backbones import BackboneError
+    from storage.extraction import extract_videos, extraction_settings
+    from storage.video import VideoError
+
+    source = args.extracted_store or store.info.source
+    if not source:
+        raise SourceError(f"--video: the code store {store.url} does not name its feature store; pass "
+                          "--extracted-store URL")
+    settings, dtype = extraction_settings(source, storage_options_from(args.storage_options))
+    if args.weights:
+        settings = dataclasses.replace(settings, weights=args.weights)
+    log.info("extracting %d video(s) with %s as %s was extracted", len(args.video), settings.backbone, source)
+    try:
+        return extract_videos(args.video, settings, dtype, storage_options_from(args.storage_options))
+    except (VideoError, BackboneError) as err:
+        raise SourceError(f"--video: {err}") from None
+
+
 def check_feature_shape(model: Any, feats: np.ndarray, model_uri: str) -> None:
     """Refuse features whose (T, F) differ from the model's input signature, naming both."""
     schema = model.metadata.get_input_schema()
@@ -150,7 +175,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="search with this stored video's code (repeatable)")
     query.add_argument("--features", type=Path, metavar="FILE.npy",
                        help="search with the codes --model computes from these frame features, (T, F) or (N, T, F)")
-    parser.add_argument("--model", help="MLflow model URI for --features: models:/NAME@ALIAS or runs:/RUN/model")
+    query.add_argument("--video", action="append", metavar="FILE",
+                       help="search with the codes --model computes from this video file (repeatable), through the "
+                       "extractor of the feature store the codes came from")
+    parser.add_argument("--model", help="MLflow model URI for --features/--video: models:/NAME@ALIAS or "
+                        "runs:/RUN/model")
+    parser.add_argument("--extracted-store", metavar="URL", help="--video: the extracted feature store whose "
+                        "extractor to use (default: the code store's source)")
+    parser.add_argument("--weights", metavar="PATH", help="--video: the backbone's state dict, where the store's "
+                        "weights file is not at its recorded place")
     parser.add_argument("--mlflow-uri", default="sqlite:///runs/mlflow.db",
                         help="MLflow tracking URI that holds --model")
     parser.add_argument("--top-k", type=int, default=10, help="results per query (all stored videos at most)")
@@ -166,15 +199,20 @@ def run_search(args: argparse.Namespace) -> list[QueryResult]:
     """Open the store, build the query codes, search and print the results."""
     if args.top_k < 1:
         raise SourceError(f"--top-k must be >= 1, got {args.top_k}")
-    if (args.features is not None) != bool(args.model):
-        raise SourceError("--features needs --model, the MLflow model that encodes them" if args.model is None
-                          else "--model applies only to --features (a --query is already a stored code)")
+    encoded = args.features is not None or bool(args.video)
+    if encoded != bool(args.model):
+        raise SourceError("--features and --video need --model, the MLflow model that encodes them"
+                          if args.model is None else "--model applies only to --features and --video (a --query is "
+                          "already a stored code)")
     store = open_code_store(args.codes, storage_options_from(args.storage_options))
     log.info("%s: %d codes of %d bits (dataset %r, split %r, model %r)", store.url, len(store), store.info.nbits,
              store.info.dataset, store.info.split, store.info.model)
     if args.query:
         names = list(args.query)
         queries = store.codes[[store.index_of(video_id) for video_id in names]]
+    elif args.video:
+        names = list(args.video)
+        queries = model_codes(args.model, video_features(args, store), args.mlflow_uri)
     else:
         feats = load_features(args.features)
         names = [f"{args.features.name}[{i}]" for i in range(len(feats))]
