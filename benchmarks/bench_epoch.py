@@ -44,8 +44,8 @@ from storage.synthetic_store import write_synthetic  # noqa: E402
 
 # FCVID protocol sizes (REFERENCE.md section 2.1) and the released preset (autossvh.config.PRESETS["fcvid"]).
 FCVID_TRAIN, FCVID_DATABASE, FCVID_BATCH, FCVID_CLUSTERS = 45_585, 45_600, 512, (250, 500, 1000)
-# map_at_k on 45,600 x 45,600 codes, 64 bits, 2 threads: 3.7-3.8 s on this CPU (README, Performance).
-FCVID_MAP_SECONDS = 3.8
+# map_at_k on 45,600 x 45,600 codes, 64 bits, 2 threads: 1.0-1.1 s on this CPU (README, Performance).
+FCVID_MAP_SECONDS = 1.1
 # Default ratio of one GPU worker's throughput to one Train worker here (one core of this CPU, bf16 on AVX512-BF16).
 # Not measured: README puts the FCVID model at ~150 videos/s on 2 cores (~2 GFLOP per video forward+backward,
 # ~0.3 TFLOPS); an H100 reaches hundreds of TFLOPS on large bf16 GEMMs, but this model's matrices are small
@@ -89,7 +89,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kmeans-gpu-speedup", type=float, default=1.0,
                         help="speed-up of the k-means actor (1: as measured on CPU; faiss-gpu is not measured)")
     parser.add_argument("--map-seconds", type=float, default=FCVID_MAP_SECONDS,
-                        help="map_at_k on 45,600 x 45,600 codes (README: 3.8 s on CPU, rank 0)")
+                        help="map_at_k on 45,600 x 45,600 codes (README: 1.1 s on CPU, rank 0)")
     parser.add_argument("--fcvid-workers", type=int, nargs="+", default=[1, 2, 4, 8], help="N of the estimate")
     parser.add_argument("--encode-videos", type=int, default=512, help="videos encoded to time the encoder")
     return parser.parse_args()
