@@ -45,12 +45,12 @@ class HeldClusteringActor(ClusteringActor):
         super().__init__(cfg)
         self.gate = gate
 
-    def submit(self, epoch: int, rank: int, indices, features, codes) -> int:
+    def submit(self, epoch: int, rank: int, indices, features, codes, previous=None) -> int:
         gate = ray.get_actor(self.gate)
         if rank == 1:
             ray.get(gate.arrived.remote(1))
             ray.get(gate.hold.remote())
-        received = super().submit(epoch, rank, indices, features, codes)
+        received = super().submit(epoch, rank, indices, features, codes, previous)
         if rank == 0:
             ray.get(gate.arrived.remote(0))
         return received

@@ -101,6 +101,8 @@ def test_the_clustering_actor_killed_during_a_round_is_restarted_and_the_round_r
     summary = json.loads((tmp_path / "summary.json").read_text())
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert epoch_steps(client, summary["mlflow_run_id"], "cluster/kmeans_objective_k5") == [2, 3]
+    warm = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "cluster/warm_start_k5")}
+    assert warm == {2: 0.0, 3: 1.0}  # the redone first round is cold; the restarted actor starts the next from it
 
 
 def test_data_that_turns_non_finite_stops_the_run_naming_the_videos_with_its_last_good_checkpoint(
