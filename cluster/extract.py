@@ -208,7 +208,7 @@ def run_extract(args: argparse.Namespace) -> ExtractSummary:
                     log.warning("skipped %s", batch["error"][i])
                     writer.fail(video, str(batch["error"][i]))
                 progress.update(bool(batch["ok"][i]))
-    complete = writer.finish() if not writer.split_state.finished else _complete(writer)
+    complete = writer.finish() if not writer.split_state.finished else bool(writer.info.get("complete"))
     seconds = time.perf_counter() - began
     summary = ExtractSummary(out, args.split, listed, writer.already, writer.written, writer.failed_now, seconds,
                              complete, {**stages, "write_seconds": writer.write_seconds,
@@ -217,10 +217,6 @@ def run_extract(args: argparse.Namespace) -> ExtractSummary:
     if args.summary_json:
         args.summary_json.write_text(json.dumps(asdict(summary), indent=2))
     return summary
-
-
-def _complete(writer: SplitWriter) -> bool:
-    return bool(dict(writer.group.attrs["autossvh"]).get("complete"))
 
 
 def _log_summary(summary: ExtractSummary, frames: int) -> None:

@@ -58,9 +58,11 @@ from storage.store import (
     StoreError,
     checksummed,
     create_store,
+    is_local,
     mark_complete,
     nonfinite_rows,
     open_store,
+    url_filesystem,
 )
 from storage.video import FRAME_RULE, VIDEO_SUFFIXES, VideoError, decode_video
 from storage.writer import SourceError, _differences, store_info
@@ -88,8 +90,8 @@ class Listing:
 def list_videos(url: str, storage_options: dict[str, Any] | None = None) -> Listing:
     """The video files under ``url``: a folder (searched recursively for :data:`VIDEO_SUFFIXES`), a glob (every
     match), or one file; local paths or any fsspec URL. Ids are absolute local paths or full URLs."""
-    local = "://" not in url or url.startswith("file://")
-    fs, path = fsspec.core.url_to_fs(url.removeprefix("file://") if local else url, **(storage_options or {}))
+    local = is_local(url)
+    fs, path = url_filesystem(url, storage_options)
     if local:
         path = str(Path(path).resolve())
     if fsspec.core.has_magic(path):
@@ -324,8 +326,7 @@ def _open_existing(url: str, storage_options: dict[str, Any] | None) -> zarr.Gro
 
 def _exists(url: str, storage_options: dict[str, Any] | None) -> bool:
     """Whether ``url`` holds an unusable leftover (a store whose creation was interrupted) to replace."""
-    local = "://" not in url or url.startswith("file://")
-    fs, path = fsspec.core.url_to_fs(url.removeprefix("file://") if local else url, **(storage_options or {}))
+    fs, path = url_filesystem(url, storage_options)
     return fs.exists(f"{path.rstrip('/')}/zarr.json")
 
 
@@ -344,7 +345,7 @@ def _set_count(group: zarr.Group, split: str, rows: int) -> None:
 def open_video(video: str, storage_options: dict[str, Any] | None = None) -> Any:
     """What :func:`storage.video.decode_video` reads: a local path as is, a URL as an fsspec file object (the
     caller closes it)."""
-    if "://" not in video or video.startswith("file://"):
+    if is_local(video):
         return video.removeprefix("file://")
     return fsspec.open(video, "rb", **(storage_options or {})).open()
 

@@ -174,9 +174,21 @@ def default_chunking(max_frames: int, feature_dim: int, dtype: str) -> tuple[int
     return chunk, chunk * CHUNKS_PER_SHARD
 
 
+def is_local(url: str) -> bool:
+    """A plain path or a ``file://`` URL: read from this machine, without fsspec storage options."""
+    return "://" not in url or url.startswith("file://")
+
+
+def url_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem and path of ``url``; storage options apply to remote URLs only."""
+    if is_local(url):
+        return fsspec.core.url_to_fs(url.removeprefix("file://"))
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
 def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_only: bool = False) -> Any:
     """A Zarr store for a plain path, ``file://`` URL or any fsspec URL (``s3://``, ``gs://``, ``memory://``)."""
-    if "://" not in url or url.startswith("file://"):
+    if is_local(url):
         return LocalStore(url.removeprefix("file://"), read_only=read_only)
     return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
 
@@ -381,8 +393,7 @@ def verify_shards(store: FeatureStore, name: str) -> None:
     a chunk is found when the chunk is read (its checksum), or by ``jobs/verify.py``.
     """
     arrays = store.split(name)
-    local = "://" not in store.url or store.url.startswith("file://")
-    fs, root = fsspec.core.url_to_fs(store.url, **({} if local else store.storage_options or {}))
+    fs, root = url_filesystem(store.url, store.storage_options)
     keys = ["feats", "video_ids"] + (["labels"] if store.is_labelled(name) else [])
     problems: list[str] = []
     total = 0

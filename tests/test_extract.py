@@ -14,18 +14,17 @@ import time
 import urllib.error
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
 
-from cluster import tracking
 from storage.backbones import BackboneError, ExtractorSettings, FrameEncoder, encode_frames, resolve_weights
 from storage.extraction import LabelFile, list_videos
 from storage.store import open_store
 from storage.video import VideoError, decode_video, sample_indices, write_synthetic_video
 from storage.writer import SourceError
 from tests.conftest import ROOT, TINY
+from tests.test_search import registered_code_store
 
 EXTRACT = ["--backbone", "vit_b_16", "--random-weights", "--image-size", "16", "--frames", "8",
            "--shard-videos", "8", "--chunk-videos", "4", "--batch-size", "8"]
@@ -237,7 +236,6 @@ def test_the_extracted_store_trains_through_the_ucf101_job(extracted, tmp_path):
 def test_a_new_video_searches_the_codes_of_the_extracted_videos(extracted, tmp_path):
     from autossvh.config import build_config
     from autossvh.model import AutoSSVH
-    from storage.codes import create_code_store
     from storage.extraction import extract_videos, extraction_settings
 
     store = open_store(extracted["store"])
@@ -249,17 +247,9 @@ def test_a_new_video_searches_the_codes_of_the_extracted_videos(extracted, tmp_p
     overrides = [o for o in TINY if not o.startswith(("data.feature_size", "data.max_frames"))]
     cfg = build_config("ucf101", "paper", overrides=[*overrides, "data.feature_size=768", "data.max_frames=8"])
     model = AutoSSVH(cfg).eval()
-    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    with tracking.start_run(tracking_uri, "search", artifact_location=(tmp_path / "artifacts").as_uri()):
-        uri = tracking.log_model(model, step=1, register="autossvh-extract-test")
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    codes = tracking.packed_codes(model, feats)
+    tracking_uri, uri, _ = registered_code_store(tmp_path, model, feats, ids, "videos", extracted["store"],
+                                                 "autossvh-extract-test")
     url = str(tmp_path / "codes")
-    writer = create_code_store(url, cfg.model.nbits, len(ids), dataset="videos", split="database",
-                               source=extracted["store"], model=uri)
-    writer.write(0, codes, ids)
-    writer.mark_complete()
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "search.py"), "--codes", url, "--video", query,
                            "--model", uri, "--mlflow-uri", tracking_uri, "--top-k", "5", "--json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
