@@ -66,6 +66,7 @@ from storage.store import FeatureStore, open_store
 log = logging.getLogger(__name__)
 
 CLUSTER_ATTEMPTS = 3  # clustering rounds tried per epoch when the actor dies
+ACTOR_RESTART_TIMEOUT_S = 300.0  # how long a rank waits for a restarting clustering actor before its next attempt
 SELECTIONS = ("last", "best-map5")
 
 
@@ -124,9 +125,28 @@ def cluster_on_actor(actor: Any, epoch: int, rank: int, world: int, num_train: i
         except (RayActorError, ActorUnavailableError) as err:
             console.warning(f"rank {rank}: clustering round of epoch {epoch + 1} failed (attempt {attempt} of "
                             f"{CLUSTER_ATTEMPTS}): {str(err).splitlines()[0]}")
+            wait_for_restart(actor)
         if all_ranks_agree(result is not None):
             return result
     raise RuntimeError(f"the clustering actor failed {CLUSTER_ATTEMPTS} rounds of epoch {epoch + 1} in a row")
+
+
+def wait_for_restart(actor: Any, timeout_s: float = ACTOR_RESTART_TIMEOUT_S) -> None:
+    """Block until a restarting actor answers again, so that a retry spends its attempt on a live actor rather than
+    on "the actor is restarting" (a restart takes seconds on a loaded node). Returns early if the actor is dead for
+    good (out of restarts): the next attempt then fails with that error."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.backend.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except ActorDiedError:
+            return
+        except (ActorUnavailableError, GetTimeoutError):
+            time.sleep(0.5)
 
 
 def weights_digest(model: torch.nn.Module) -> bytes:

@@ -3,6 +3,7 @@ faiss's DatasetAssign equals the same k-means on one in-memory DatasetAssign, wa
 after a hand-over, clear errors for missing partitions and too many clusters."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -199,3 +200,27 @@ def test_actor_rounds_are_warm_after_the_first_and_after_a_hand_over(ray_local):
     ray.get(empty.submit.remote(2, 0, np.arange(N), y, codes))
     assert ray.get(empty.result.remote(2, 1, N)).warm == [False, False]
     ray.kill(empty)
+
+
+def test_a_retry_waits_for_the_restarting_actor_and_not_for_a_dead_one(ray_local):
+    """A killed actor takes a moment to restart (its calls meanwhile fail with "the actor is restarting");
+    ``wait_for_restart`` returns once it answers again, and at once for an actor out of restarts."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from cluster.worker import wait_for_restart
+
+    x, codes = blobs(seed=5)
+    actor = create_clustering_actor(ClusterConfig(num_cluster=[3]), max_restarts=1)
+    ray.get(actor.submit.remote(1, 0, np.arange(N), x, codes))
+    waiting = actor.result.remote(1, 2, N)  # waits for a second rank that never comes
+    ray.kill(actor, no_restart=False)
+    with pytest.raises(ActorUnavailableError):
+        ray.get(waiting)
+    wait_for_restart(actor)
+    assert ray.get(actor.backend.remote(), timeout=5)  # answered at once: the restart is over
+    ray.kill(actor, no_restart=True)
+    started = time.monotonic()
+    wait_for_restart(actor, timeout_s=600)
+    assert time.monotonic() - started < 60  # dead for good: no waiting out the timeout
+    with pytest.raises(ActorDiedError):
+        ray.get(actor.backend.remote())

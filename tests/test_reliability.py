@@ -86,16 +86,18 @@ def test_the_clustering_actor_killed_during_a_round_is_restarted_and_the_round_r
     killed: list[int] = []
 
     def kill_during_round() -> None:
-        ray.get(gate.wait_round_open.remote(), timeout=180)  # epoch 2's round: rank 0 in, rank 1 held
-        ray.kill(ray.get_actor("clustering-actor-kill"), no_restart=False)
-        killed.append(1)
-        ray.get(gate.release.remote())
+        try:
+            ray.get(gate.wait_round_open.remote(), timeout=900)  # epoch 2's round: rank 0 in, rank 1 held
+            ray.kill(ray.get_actor("clustering-actor-kill"), no_restart=False)
+            killed.append(1)
+        finally:  # never leave rank 1 held: a round caught late must fail the test, not hang it
+            ray.get(gate.release.remote())
 
     killer = threading.Thread(target=kill_during_round, daemon=True)
     killer.start()
     args = parse(job_args(tmp_path, tiny_store_url, "actor-kill", 3, "cluster.warmup_epoch=1"))
     assert train.run("ucf101", args) == 0
-    killer.join(timeout=5)
+    killer.join(timeout=60)
     assert killed, "the round was never caught open"
     assert "clustering round of epoch 2 failed (attempt 1 of 3)" in capfd.readouterr().err
     summary = json.loads((tmp_path / "summary.json").read_text())
