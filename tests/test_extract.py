@@ -247,9 +247,8 @@ def test_a_new_video_searches_the_codes_of_the_extracted_videos(extracted, tmp_p
     overrides = [o for o in TINY if not o.startswith(("data.feature_size", "data.max_frames"))]
     cfg = build_config("ucf101", "paper", overrides=[*overrides, "data.feature_size=768", "data.max_frames=8"])
     model = AutoSSVH(cfg).eval()
-    tracking_uri, uri, _ = registered_code_store(tmp_path, model, feats, ids, "videos", extracted["store"],
-                                                 "autossvh-extract-test")
-    url = str(tmp_path / "codes")
+    tracking_uri, uri, url, _ = registered_code_store(tmp_path, model, feats, ids, "videos", extracted["store"],
+                                                      "autossvh-extract-test")
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "search.py"), "--codes", url, "--video", query,
                            "--model", uri, "--mlflow-uri", tracking_uri, "--top-k", "5", "--json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

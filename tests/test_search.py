@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import numpy as np
@@ -300,21 +301,29 @@ def test_search_job_refuses_an_incomplete_store(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "incomplete" in proc.stderr
 
 
+class RegisteredCodes(NamedTuple):
+    tracking_uri: str
+    model_uri: str
+    codes_url: str
+    codes: np.ndarray
+
+
 def registered_code_store(tmp_path: Path, model: AutoSSVH, feats: np.ndarray, ids: list[str], dataset: str,
-                          source: str, register: str) -> tuple[str, str, np.ndarray]:
+                          source: str, register: str) -> RegisteredCodes:
     """Register ``model`` in an MLflow SQLite store under ``tmp_path`` and write a code store of ``feats`` encoded
-    by it (``tmp_path/codes``); returns (tracking URI, model URI, packed codes)."""
+    by it, as a user's search setup has them."""
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     with tracking.start_run(tracking_uri, "search", artifact_location=(tmp_path / "artifacts").as_uri()):
         uri = tracking.log_model(model, step=1, register=register)
     while mlflow.active_run() is not None:
         mlflow.end_run()
     codes = tracking.packed_codes(model, feats)
-    writer = create_code_store(str(tmp_path / "codes"), model.cfg.model.nbits, len(ids), dataset=dataset,
-                               split="database", source=source, model=uri)
+    url = str(tmp_path / "codes")
+    writer = create_code_store(url, model.cfg.model.nbits, len(ids), dataset=dataset, split="database",
+                               source=source, model=uri)
     writer.write(0, codes, ids)
     writer.mark_complete()
-    return tracking_uri, uri, codes
+    return RegisteredCodes(tracking_uri, uri, url, codes)
 
 
 def test_search_job_encodes_features_with_a_registered_model(tmp_path: Path) -> None:
@@ -322,9 +331,8 @@ def test_search_job_encodes_features_with_a_registered_model(tmp_path: Path) -> 
     model = AutoSSVH(cfg).eval()
     feats = np.random.default_rng(2).standard_normal((12, cfg.data.max_frames, cfg.data.feature_size))
     feats = feats.astype(np.float32)
-    tracking_uri, uri, codes = registered_code_store(tmp_path, model, feats, [f"clip{i}" for i in range(12)],
-                                                     "ucf101", "", "autossvh-search-test")
-    url = str(tmp_path / "codes")
+    tracking_uri, uri, url, codes = registered_code_store(tmp_path, model, feats, [f"clip{i}" for i in range(12)],
+                                                          "ucf101", "", "autossvh-search-test")
     np.save(tmp_path / "query.npy", feats[5])
     proc = run_search_job("--codes", url, "--features", str(tmp_path / "query.npy"), "--model", uri,
                           "--mlflow-uri", tracking_uri, "--top-k", "12", "--json")
