@@ -124,7 +124,8 @@ def cluster_on_actor(actor: Any, epoch: int, rank: int, world: int, num_train: i
             result = ray.get(actor.result.remote(epoch, world, num_train))
         except (RayActorError, ActorUnavailableError) as err:
             console.warning(f"rank {rank}: clustering round of epoch {epoch + 1} failed (attempt {attempt} of "
-                            f"{CLUSTER_ATTEMPTS}): {str(err).splitlines()[0]}")
+                            f"{CLUSTER_ATTEMPTS}): {str(err).splitlines()[0]}; waiting for the actor to answer again "
+                            f"(at most {ACTOR_RESTART_TIMEOUT_S:.0f} s)")
             wait_for_restart(actor)
         if all_ranks_agree(result is not None):
             return result
