@@ -21,6 +21,17 @@ the random sampler, ``loss.b`` without P2Set, ...) is named in a warning (:func:
 Where the paper and the released config disagree, the presets keep the released value (FCVID: ``a = 1.0``
 and ``num_cluster = [250, 500, 1000]``; the paper states ``a = 0.2`` and ``[250, 400, 600]``; ActivityNet:
 12/2 layers where the paper states 6/1).
+
+Learning rates and other scales have sane ranges (:data:`SANE_RANGES`, inclusive); a value outside is refused
+by name, since it trains to nothing or to overflow rather than to a model: ``train.lr`` in [1e-8, 0.1] (and
+``train.lr * sampler.lr_scale`` too), ``train.weight_decay`` in [0, 1], ``sampler.lr_scale`` in [1e-3, 1e3],
+``sampler.tau`` in [0.01, 1000], ``loss.a`` and ``loss.b`` in [0, 100], every temperature
+(``loss.temperature``, ``loss.p2set_temperature``, ``cluster.kmeans_temperature``, ``salience.temperature``)
+in [0.01, 10]. A run that diverges all the same is stopped (``autossvh.trainer.check_divergence``) when an
+epoch's mean loss exceeds ``train.max_loss`` (default 1e6; the loss is a feature-space MSE plus bounded terms,
+so features of a much larger scale need more), when the L2 norm of all weights exceeds
+``train.max_weight_norm`` (default 1e5; the released model starts near 170) or is not finite, or when
+every step of an epoch had a non-finite loss.
 """
 
 from __future__ import annotations
@@ -38,13 +49,14 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-Recipe = Literal["paper", "released"]
-SamplerKind = Literal["adversarial", "random"]
-CenterKind = Literal["voted", "prototype"]
+Recipe = Literal["paper", "released", "focused"]
+SamplerKind = Literal["adversarial", "random", "independent", "salience"]
+CenterKind = Literal["voted", "prototype", "input"]
 HashLayer = Literal["paper", "released"]
+Pooling = Literal["mean", "salience"]
 
 DATASETS = ("activitynet", "fcvid", "ucf101", "hmdb51")
-RECIPES = ("paper", "released")
+RECIPES = ("paper", "released", "focused")
 
 
 class ConfigError(ValueError):
@@ -68,6 +80,10 @@ class ModelConfig:
     gradient) and a view's training code is the mean of its binary frame codes; ``paper`` (Eq. 6-7) keeps
     soft per-frame codes tanh(LayerNorm(.)) and a view's training code is sign(mean) with a straight-through
     gradient. Retrieval codes are sign(mean over all frames) of the per-frame codes in both.
+
+    ``pooling`` (not in the paper): ``mean`` pools frame codes uniformly, as the paper does; ``salience``
+    weights them by :mod:`autossvh.salience` (``salience.*``), in the views' training codes and in the
+    retrieval codes alike.
     """
 
     nbits: int = 64
@@ -79,6 +95,23 @@ class ModelConfig:
     decoder_depth: int = 2
     decoder_heads: int = 3
     mlp_ratio: float = 4.0
+    pooling: Pooling = "mean"
+
+
+@dataclass
+class SalienceConfig:
+    """The label-free frame score of :mod:`autossvh.salience` (not in the paper): recurrence within the video
+    minus ``rarity_weight`` times commonness across a bank of ``bank_videos`` training videos, on cosines after
+    a projection to ``dim`` dims; ``within_neighbours`` / ``cross_neighbours`` nearest frames average into
+    each part. Pooling weights are softmax(standardised score / ``temperature``) over a video's frames. Used by
+    ``model.pooling=salience`` and ``sampler.kind=salience``."""
+
+    within_neighbours: int = 2
+    cross_neighbours: int = 30
+    rarity_weight: float = 1.0
+    temperature: float = 0.15
+    bank_videos: int = 256
+    dim: int = 256
 
 
 @dataclass
@@ -93,6 +126,11 @@ class SamplerConfig:
     which the sampler hears L_FR directly); the token gate on visible frames carries all three losses.
     ``lr_scale`` multiplies ``train.lr`` for Grade-Net's parameters.
     ``random``: the released complementary random masks (REFERENCE.md §2.2).
+    ``independent`` (not in the paper): each view hides K frames drawn uniformly and independently of the other
+    view, so the views share about K^2 / T hidden frames as the adversarial sampler's draws do; the random
+    sampler with the full row's view overlap, to separate choosing frames from how the views overlap.
+    ``salience`` (not in the paper): each view hides the top K of salience / tau + Gumbel noise, the
+    :mod:`autossvh.salience` scores standardised per video, two independent draws; no learned scorer.
     """
 
     kind: SamplerKind = "adversarial"
@@ -159,6 +197,8 @@ class TrainConfig:
     test_batch_size: int = 128
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16)
     max_nonfinite_steps: int = 20  # consecutive non-finite losses (each step skipped) before the run stops
+    max_loss: float = 1e6  # an epoch's mean loss above this stops the run as diverged
+    max_weight_norm: float = 1e5  # the L2 norm of all weights above this stops the run as diverged
 
 
 @dataclass
@@ -169,6 +209,7 @@ class Config:
     recipe: Recipe = "paper"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    salience: SalienceConfig = field(default_factory=SalienceConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -226,6 +267,8 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": {"sampler.kind": "adversarial", "loss.centers": "voted", "model.hash_layer": "released"},
     "released": {"sampler.kind": "random", "loss.centers": "prototype", "model.hash_layer": "released",
                  "cluster.warm_start": False},
+    "focused": {"sampler.kind": "independent", "loss.centers": "input", "model.pooling": "salience",
+                "model.hash_layer": "released", "cluster.warmup_epoch": 0},
 }
 # Keys of earlier versions that saved configs may still hold; loading a saved config skips them.
 RETIRED_KEYS = frozenset({"sampler.gumbel_noise_scale", "sampler.gumbel_temperature"})
@@ -238,8 +281,13 @@ def build_config(
     recipe: str | None = None,
     config_file: str | Path | None = None,
     overrides: typing.Sequence[str] = (),
+    strict: bool = True,
 ) -> Config:
     """Preset, then recipe, then YAML file, then ``key=value`` overrides; validated.
+
+    A key set in the file or the overrides that does nothing under the rest of the config is named in a
+    warning, and refused (:class:`ConfigError`) for the switches beyond the paper when ``strict``; an ablation,
+    whose ``--set`` applies to every row, passes ``strict=False``.
 
     ``dataset`` and ``recipe`` may also come from the YAML file or the overrides, which take precedence
     over the arguments.
@@ -259,7 +307,9 @@ def build_config(
         for key, value in values.items():
             set_value(cfg, key, value)
     cfg.validate()
-    for key, reason in inert_keys(cfg, updates):
+    for key, reason, refused in inert_keys(cfg, updates):
+        if refused and strict:
+            raise ConfigError(f"{key} is set but does nothing: {reason}; remove it or set the switch it belongs to")
         log.warning("%s is set but does nothing: %s", key, reason)
     return cfg
 
@@ -275,9 +325,24 @@ def config_from_dict(data: dict) -> Config:
     return cfg.validate()
 
 
-def inert_keys(cfg: Config, keys: typing.Iterable[str]) -> list[tuple[str, str]]:
-    """Those of ``keys`` (dotted) that have no effect under ``cfg``, each with the reason."""
+SALIENCE_KEYS = tuple(f"salience.{f.name}" for f in dataclasses.fields(SalienceConfig))
+
+
+def inert_keys(cfg: Config, keys: typing.Iterable[str]) -> list[tuple[str, str, bool]]:
+    """Those of ``keys`` (dotted) that have no effect under ``cfg``, each with the reason and whether it is
+    refused (keys of the switches beyond the paper) rather than only named."""
     s, lo = cfg.sampler, cfg.loss
+    no_grade_net = ("sampler.grl", "sampler.reconstruction_weight", "sampler.lr_scale")
+    refused_rules: list[tuple[bool, tuple[str, ...], str]] = [
+        (cfg.model.pooling != "salience" and s.kind != "salience", SALIENCE_KEYS,
+         "no frame salience without model.pooling=salience or sampler.kind=salience"),
+        (s.kind in ("independent", "salience"), no_grade_net,
+         f"sampler.kind={s.kind} draws the masks without Grade-Net"),
+        (s.kind == "independent", ("sampler.tau",), "sampler.kind=independent draws uniformly"),
+        (lo.p2set and lo.centers == "input", ("cluster.warm_start", "cluster.warm_tolerance",
+                                              "cluster.kmeans_temperature", "cluster.num_shards"),
+         "loss.centers=input clusters the pooled input once, in the training process"),
+    ]
     rules: list[tuple[bool, tuple[str, ...], str]] = [
         (s.kind == "random", ("sampler.grl", "sampler.tau", "sampler.reconstruction_weight", "sampler.lr_scale"),
          "sampler.kind=random draws the masks without Grade-Net"),
@@ -295,13 +360,14 @@ def inert_keys(cfg: Config, keys: typing.Iterable[str]) -> list[tuple[str, str]]
          "loss.centers=prototype uses per-cluster densities of mean cluster.kmeans_temperature"),
     ]
     wanted = set(keys)
-    found: dict[str, str] = {}
-    for applies, names, reason in rules:
-        if applies:
-            for name in names:
-                if name in wanted:
-                    found.setdefault(name, reason)
-    return sorted(found.items())
+    found: dict[str, tuple[str, bool]] = {}
+    for refused, group in ((True, refused_rules), (False, rules)):
+        for applies, names, reason in group:
+            if applies:
+                for name in names:
+                    if name in wanted:
+                        found.setdefault(name, (reason, refused))
+    return [(name, reason, refused) for name, (reason, refused) in sorted(found.items())]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -440,6 +506,12 @@ def _validate(cfg: Config) -> None:
              f"hides K = int(mask_prob * max_frames) = {k} frames; K must be >= 1 and smaller than "
              f"data.max_frames = {d.max_frames}", s.mask_prob)
     _require(s.tau > 0, "sampler.tau", "must be > 0", s.tau)
+    sa = cfg.salience
+    for key in ("within_neighbours", "cross_neighbours", "dim"):
+        _require(getattr(sa, key) >= 1, f"salience.{key}", "must be >= 1", getattr(sa, key))
+    _require(sa.bank_videos >= 2, "salience.bank_videos", "must be >= 2", sa.bank_videos)
+    _require(sa.rarity_weight >= 0, "salience.rarity_weight", "must be >= 0", sa.rarity_weight)
+    _require(sa.temperature > 0, "salience.temperature", "must be > 0", sa.temperature)
     _require(s.lr_scale > 0, "sampler.lr_scale", "must be > 0", s.lr_scale)
     _require(lo.reconstruction or lo.view_contrastive or lo.p2set, "loss",
              "at least one of reconstruction, view_contrastive, p2set must be on", "all off")
@@ -472,3 +544,34 @@ def _validate(cfg: Config) -> None:
     _require(t.eval_every >= 1, "train.eval_every", "must be >= 1", t.eval_every)
     _require(t.test_batch_size >= 1, "train.test_batch_size", "must be >= 1", t.test_batch_size)
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1", t.max_nonfinite_steps)
+    _require(t.max_loss > 0, "train.max_loss", "must be > 0", t.max_loss)
+    _require(t.max_weight_norm > 0, "train.max_weight_norm", "must be > 0", t.max_weight_norm)
+    _validate_ranges(cfg)
+
+
+# Sane ranges (inclusive) of learning rates and other scales, documented in the module docstring.
+SANE_RANGES: dict[str, tuple[float, float]] = {
+    "train.lr": (1e-8, 0.1),
+    "train.weight_decay": (0.0, 1.0),
+    "sampler.lr_scale": (1e-3, 1e3),
+    "sampler.tau": (0.01, 1000.0),
+    "loss.a": (0.0, 100.0),
+    "loss.b": (0.0, 100.0),
+    "loss.temperature": (0.01, 10.0),
+    "loss.p2set_temperature": (0.01, 10.0),
+    "cluster.kmeans_temperature": (0.01, 10.0),
+    "salience.temperature": (0.01, 10.0),
+}
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Refuse a scale outside :data:`SANE_RANGES`, and a sampler learning rate (lr * lr_scale) outside lr's."""
+    flat = cfg.flat()
+    for key, (low, high) in SANE_RANGES.items():
+        _require(low <= flat[key] <= high, key, f"must be in [{low:g}, {high:g}] (autossvh.config.SANE_RANGES)",
+                 flat[key])
+    low, high = SANE_RANGES["train.lr"]
+    sampler_lr = cfg.train.lr * cfg.sampler.lr_scale
+    _require(low <= sampler_lr <= high, "sampler.lr_scale", f"gives Grade-Net a learning rate train.lr * "
+             f"sampler.lr_scale = {sampler_lr:g}; it must be in [{low:g}, {high:g}] like train.lr",
+             cfg.sampler.lr_scale)

@@ -12,6 +12,10 @@
   on generated stores (which record it): positive when the sampler hides the frames that show the class,
   negative when it hides the distractors and background. NaN without the signal.
 * ``hidden_by_decile``: P(hidden) of the frames in each tenth of their video's logit ranking, lowest first.
+* ``informative_rate``, ``hidden_precision``, ``pooling_precision`` (generated stores): the share of frames
+  that show the video's class (``frame_signal`` >= 0.5, the base rate), the share of the hidden frames that do,
+  and the share of the pooling weight on them (``model.pooling``: the base rate under uniform mean pooling).
+  A choice of frames that finds the class lifts its precision above the base rate.
 """
 
 from __future__ import annotations
@@ -35,11 +39,17 @@ class SamplerDiagnostics:
     view_overlap: float
     signal_correlation: float
     hidden_by_decile: list[float]
+    informative_rate: float = math.nan
+    hidden_precision: float = math.nan
+    pooling_precision: float = math.nan
 
     def metrics(self) -> dict[str, float]:
         """MLflow metric name → value (NaN values left out)."""
         values = {"sampler/selectivity": self.selectivity, "sampler/view_overlap": self.view_overlap,
-                  "sampler/signal_correlation": self.signal_correlation}
+                  "sampler/signal_correlation": self.signal_correlation,
+                  "sampler/informative_rate": self.informative_rate,
+                  "sampler/hidden_precision": self.hidden_precision,
+                  "sampler/pooling_precision": self.pooling_precision}
         return {key: value for key, value in values.items() if math.isfinite(value)}
 
 
@@ -54,7 +64,7 @@ def sampler_diagnostics(model: AutoSSVH, feats: Tensor, frame_signal: np.ndarray
     embedded = model.encoder.embed(x) + model.encoder.pos
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training's stream untouched
         torch.manual_seed(0)
-        hidden = torch.stack([model.sample_views(embedded)[0].view(2, b, t) for _ in range(draws)]).float().cpu()
+        hidden = torch.stack([model.sample_views(embedded, x)[0].view(2, b, t) for _ in range(draws)]).float().cpu()
     k = model.cfg.num_hidden
     overlap = float((hidden[:, 0] * hidden[:, 1]).sum(-1).mean() / k)
     p_hidden = hidden.mean(dim=(0, 1))  # (B, T)
@@ -65,10 +75,16 @@ def sampler_diagnostics(model: AutoSSVH, feats: Tensor, frame_signal: np.ndarray
         selectivity = float(p_hidden[rank >= t - quarter].mean() - p_hidden[rank < quarter].mean())
         decile = ((2 * rank + 1) * 10) // (2 * t)  # the centre of each rank; the first and last decile always hold one
         deciles = [float(p_hidden[decile == d].mean()) if bool((decile == d).any()) else math.nan for d in range(10)]
-    correlation = math.nan
+    correlation = rate = hidden_precision = pooling_precision = math.nan
     if frame_signal is not None:
         signal = np.broadcast_to(np.asarray(frame_signal, dtype=np.float64), hidden.shape).ravel()
         flags = hidden.numpy().astype(np.float64).ravel()
         if signal.std() > 0 and flags.std() > 0:
             correlation = float(np.corrcoef(flags, signal)[0, 1])
-    return SamplerDiagnostics(selectivity, overlap, correlation, deciles)
+        informative = np.asarray(frame_signal, dtype=np.float64) >= 0.5  # (B, T)
+        weights = model.pooling_weights(x)
+        weights = np.full(informative.shape, 1.0 / t) if weights is None else weights.double().cpu().numpy()
+        rate = float(informative.mean())
+        hidden_precision = float((flags * np.broadcast_to(informative, hidden.shape).ravel()).sum() / flags.sum())
+        pooling_precision = float((weights * informative).sum() / weights.sum())
+    return SamplerDiagnostics(selectivity, overlap, correlation, deciles, rate, hidden_precision, pooling_precision)

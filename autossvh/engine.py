@@ -173,7 +173,7 @@ class Encoded:
     features: np.ndarray
 
 
-def _features_of(batch: Batch) -> Tensor:
+def features_of(batch: Batch) -> Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
@@ -218,8 +218,9 @@ def encode(model: AutoSSVH, batches: Iterable[Batch], device: torch.device | Non
     codes, features = [], []
     with autocast(device, model.cfg.train.amp):
         for batch in batches:
-            feats = _features_of(batch).to(device, non_blocking=True).to(dtype)
-            code, feature = video_codes(model.encode_frames(feats).float())
+            raw = features_of(batch).to(device, non_blocking=True)
+            weights = model.pooling_weights(raw)  # from the features as stored, before any bf16 cast
+            code, feature = video_codes(model.encode_frames(raw.to(dtype)).float(), weights)
             codes.append(code.to(torch.int8).cpu())
             features.append(feature.cpu())
     model.train(was_training)

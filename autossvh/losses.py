@@ -140,7 +140,7 @@ def autossvh_loss(
     vc = debiased_contrastive_loss(z1, z2, lo.temperature, lo.tau_plus) if lo.view_contrastive else zero
     p2set = zero
     if lo.p2set and targets is not None:
-        if lo.centers == "voted":
+        if lo.centers in ("voted", "input"):
             temp = lo.p2set_temperature
             p2set = (voted_p2set_loss(z1, index, targets, temp) + voted_p2set_loss(z2, index, targets, temp)) / 2
         else:

@@ -34,6 +34,13 @@ sequences (view-major: rows 0..B-1 are view 1, rows B..2B-1 view 2):
     (value 1), so the sampler hears directly which hidden frames are hard to reconstruct; switching it off
     is an ablation.
 * ``sampler.kind = "random"``: the released complementary random masks (REFERENCE.md §2.2).
+* ``sampler.kind = "independent"`` / ``"salience"`` (not in the paper): two independent draws of K hidden
+  frames, uniform or by Gumbel top-K on the standardised frame salience (:mod:`autossvh.salience`); no
+  gradient reaches the masks.
+
+Pooling (``model.pooling``, not in the paper): with ``salience`` a view's training code and a video's
+retrieval code weight the frame codes by the salience weights (renormalised over the visible frames of a view),
+so the frames that carry the video make its code; ``mean`` pools uniformly, as the paper does.
 
 Hash layer (``model.hash_layer``): ``released`` binarises every frame, u -> sign(u) with the hard-tanh
 straight-through gradient, after Linear + LayerNorm, and a view's training code is the mean of its visible
@@ -51,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autossvh.config import Config
+from autossvh.salience import FrameSalience
 
 
 def sinusoid_table(length: int, dim: int) -> Tensor:
@@ -179,6 +187,14 @@ def gumbel_topk(logits: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor]:
     return hard, hard - soft.detach() + soft
 
 
+def independent_masks(scores: Tensor, k: int, tau: float) -> Tensor:
+    """Two independent Gumbel top-K draws of K hidden frames per video on ``scores`` (B, T) at noise level
+    ``tau`` (zeros: uniform draws): hidden masks (2B, T), True = hidden, view-major."""
+    keys = scores.float().repeat(2, 1) / tau
+    keys = keys - torch.log(-torch.log(torch.rand_like(keys).clamp(1e-20, 1.0)) + 1e-20)
+    return torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, keys.topk(k, dim=-1).indices, True)
+
+
 def random_complementary_masks(batch: int, frames: int, num_hidden: int, device: torch.device) -> Tensor:
     """The released masks (REFERENCE §2.2): one permutation per video; view 1 shows its first n_vis frames,
     view 2 its last n_vis. Returns hidden masks (2 * batch, frames), True = hidden, view-major."""
@@ -264,6 +280,8 @@ class AutoSSVH(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, m.decoder_dim))
         self.decoder_pos = nn.Parameter(torch.zeros(1, cfg.data.max_frames, m.decoder_dim))
         self.decoder = Decoder(cfg)
+        self.salience = FrameSalience(cfg.salience, cfg.data.feature_size, cfg.data.max_frames) \
+            if uses_salience(cfg) else None
         _init_xavier(self.encoder)
         _init_xavier(self.decoder)
         trunc_normal_(self.mask_token, std=0.02)
@@ -274,6 +292,12 @@ class AutoSSVH(nn.Module):
         """Per-frame codes of embedded tokens (N, n, hidden) → (N, n, nbits): +-1 (released) or tanh (paper)."""
         u = self.hash_norm(self.hash(self.encoder(tokens)))
         return torch.tanh(u) if self.cfg.model.hash_layer == "paper" else binarize(u)
+
+    @torch.no_grad()
+    def pooling_weights(self, x: Tensor) -> Tensor | None:
+        """Salience pooling weights (B, T) of raw features (B, T, F) under ``model.pooling=salience``; None for
+        the uniform mean."""
+        return self.salience.weights(x) if self.cfg.model.pooling == "salience" else None
 
     def view_codes(self, frame_codes: Tensor, weights: Tensor | None = None) -> Tensor:
         """A view's training code from its frame codes (N, n, nbits): the mean (released) or its sign (paper).
@@ -296,13 +320,18 @@ class AutoSSVH(nn.Module):
             raise ValueError("frame_logits: this model has no Grade-Net (sampler.kind=random)")
         return self.encoder.grade_net(self.encoder.embed(x) + self.encoder.pos).float()
 
-    def sample_views(self, embedded: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Hidden masks (2B, T) for the two views and, for the adversarial sampler, the STE selection (2B, T)."""
+    def sample_views(self, embedded: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Hidden masks (2B, T) for the two views of embedded frames (B, T, hidden) of raw features ``x`` (B, T, F)
+        and, for the adversarial sampler, the STE selection (2B, T)."""
         b, t, _ = embedded.shape
         k = self.cfg.num_hidden
         s = self.cfg.sampler
-        if self.encoder.grade_net is None:
+        if s.kind == "random":
             return random_complementary_masks(b, t, k, embedded.device), None
+        if s.kind == "independent":
+            return independent_masks(embedded.new_zeros(b, t), k, 1.0), None
+        if s.kind == "salience":
+            return independent_masks(standardize(self.salience.scores(x)), k, s.tau), None
         logits = standardize(self.encoder.grade_net(embedded.detach()).float()).repeat(2, 1)  # fp32 under autocast
         hard, selection = gumbel_topk(logits, k, s.tau)
         if s.grl:
@@ -324,7 +353,7 @@ class AutoSSVH(nn.Module):
         if self.training and self.cfg.data.data_drop_rate > 0.01:
             source = F.dropout(x, self.cfg.data.data_drop_rate)
         embedded = self.encoder.embed(source) + self.encoder.pos
-        hidden, selection = self.sample_views(embedded)
+        hidden, selection = self.sample_views(embedded, x)
         order = hidden.to(torch.uint8).argsort(dim=1, stable=True)  # visible frames first, each in time order
         visible_idx, hidden_idx = order[:, : t - k], order[:, t - k:]
         rows = torch.arange(2 * b, device=x.device)[:, None]
@@ -336,6 +365,10 @@ class AutoSSVH(nn.Module):
             tokens = tokens * gate.unsqueeze(-1)
             if self.cfg.sampler.reconstruction_weight:
                 frame_weight = selection[rows, hidden_idx]
+        pooling = self.pooling_weights(x)
+        if pooling is not None:
+            pooling = pooling.repeat(2, 1)[rows, visible_idx]
+            gate = pooling if gate is None else gate * pooling
         h = self.frame_codes(tokens)
         return TrainOutput(
             codes=self.view_codes(h, gate),
@@ -346,6 +379,11 @@ class AutoSSVH(nn.Module):
         )
 
 
+def uses_salience(cfg: Config) -> bool:
+    """Whether the model holds a :class:`FrameSalience` (to fit on training videos before training)."""
+    return cfg.model.pooling == "salience" or cfg.sampler.kind == "salience"
+
+
 def leaves_parameters_unused(cfg: Config) -> bool:
     """Whether a training step leaves some parameters out of the backward graph, so that data-parallel training
     must search for them every step (DDP's ``find_unused_parameters``, an extra autograd traversal): only the
@@ -353,8 +391,9 @@ def leaves_parameters_unused(cfg: Config) -> bool:
     return not cfg.loss.reconstruction
 
 
-def video_codes(frame_codes: Tensor) -> tuple[Tensor, Tensor]:
+def video_codes(frame_codes: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Retrieval codes sign(mean over frames) in {-1, 0, +1} (0 on a tie, REFERENCE §3.4) and the
-    L2-normalised mean codes that k-means clusters."""
-    mean = frame_codes.mean(dim=1)
+    L2-normalised mean codes that k-means clusters; ``weights`` (B, T) summing to 1 per video make it a
+    weighted mean (``model.pooling=salience``)."""
+    mean = frame_codes.mean(dim=1) if weights is None else (frame_codes * weights.unsqueeze(-1)).sum(dim=1)
     return torch.sign(mean), F.normalize(mean, dim=-1)

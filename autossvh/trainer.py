@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from autossvh.anchors import input_centers, pooled_inputs
 from autossvh.clustering import ClusteringResult, RoundReport
 from autossvh.config import Config
 from autossvh.diagnostics import PROBE_VIDEOS, SamplerDiagnostics, sampler_diagnostics
@@ -36,12 +37,14 @@ from autossvh.engine import (
     encode,
     encode_and_cluster,
     evaluate_codes,
+    is_distributed,
     seconds_to_text,
     should_cluster,
     train_one_epoch,
 )
 from autossvh.losses import ClusterTargets
 from autossvh.model import AutoSSVH
+from autossvh.salience import bank_rows
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ def should_evaluate(cfg: Config, epoch: int) -> bool:
 
 class EpochSteps(Protocol):
     """The parts of an epoch that depend on where the data and the model live."""
+
+    model: AutoSSVH  # the model being trained (not DDP-wrapped), whose weights the divergence guard measures
 
     def learning_rate(self) -> float:
         """The hashing network's learning rate for the coming epoch."""
@@ -94,6 +99,7 @@ def run_epoch(steps: EpochSteps, cfg: Config, epoch: int, device: torch.device) 
         targets = ClusterTargets.from_result(result, device)
         cluster_seconds, report = time.perf_counter() - tic, result.report()
     stats = steps.train_epoch(epoch, targets)
+    check_divergence(cfg, epoch, stats, steps.model)
     diagnostics = steps.probe_sampler()
     retrieval, eval_seconds = None, 0.0
     if should_evaluate(cfg, epoch):
@@ -101,6 +107,37 @@ def run_epoch(steps: EpochSteps, cfg: Config, epoch: int, device: torch.device) 
         retrieval = steps.evaluate(epoch)
         eval_seconds = time.perf_counter() - tic
     return EpochRecord(epoch, lr, stats, cluster_seconds, report, retrieval, diagnostics, eval_seconds)
+
+
+class DivergenceError(RuntimeError):
+    """A training epoch left the documented bounds (``train.max_loss``, ``train.max_weight_norm``) or took no
+    finite step: the run diverged."""
+
+
+def check_divergence(cfg: Config, epoch: int, stats: EpochStats, model: torch.nn.Module) -> None:
+    """Stop a diverging run after a training epoch, before it is evaluated or checkpointed: raises
+    :class:`DivergenceError` naming the epoch, the step and the value when every step's loss was non-finite, the
+    epoch's mean loss exceeds ``train.max_loss``, or the L2 norm of all weights is non-finite or exceeds
+    ``train.max_weight_norm``. In a distributed run the values are maxima over the ranks, so all stop together."""
+    norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in model.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack(norms))  # in float64: 1e30 weights do not overflow to inf
+    all_skipped = float(stats.steps == 0 and stats.skipped_steps > 0)
+    values = torch.tensor([stats.loss, float(norm), all_skipped], dtype=torch.float64, device=norm.device)
+    if is_distributed():
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    loss, weight_norm, none_finite = values.tolist()
+    where = f"epoch {epoch + 1}, step {stats.steps + stats.skipped_steps} (the epoch's last)"
+    t = cfg.train
+    if none_finite:
+        problem = f"all {stats.skipped_steps} steps of the epoch had a non-finite loss"
+    elif not loss <= t.max_loss:  # also NaN
+        problem = f"mean loss {loss:.4g} > train.max_loss={t.max_loss:g}"
+    elif not weight_norm <= t.max_weight_norm:
+        problem = f"weight norm {weight_norm:.4g} > train.max_weight_norm={t.max_weight_norm:g}"
+    else:
+        return
+    raise DivergenceError(f"the run diverged at {where}: {problem}; lower train.lr (now {t.lr:g}) or the loss "
+                          "weights, or raise the bound if the value is expected for these features")
 
 
 def epoch_line(record: EpochRecord, epochs: int, eta: float) -> str:
@@ -178,6 +215,9 @@ class ArraySteps:
         np.random.seed(cfg.train.seed)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.model = AutoSSVH(cfg).to(device)
+        if self.model.salience is not None:
+            rows = bank_rows(len(data.train), cfg.salience.bank_videos, cfg.train.seed)
+            self.model.salience.fit(np.asarray(data.train[rows]), cfg.train.seed)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
@@ -189,6 +229,12 @@ class ArraySteps:
         return self.optimizer.param_groups[0]["lr"]
 
     def cluster(self, epoch: int) -> ClusteringResult:
+        if self.cfg.loss.centers == "input":  # fixed before training: computed at the first round, then kept
+            if self.previous is None:
+                pooled = pooled_inputs(self.model, array_batches(self.data.train, self.cfg.train.test_batch_size),
+                                       self.device)
+                self.previous = input_centers(pooled, self.cfg, use_gpu=self.device.type == "cuda")
+            return self.previous
         self.previous = encode_and_cluster(self.model, array_batches(self.data.train, self.cfg.train.test_batch_size),
                                            self.cfg, self.device, self.previous)
         return self.previous

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 import zarr
@@ -176,6 +175,8 @@ def write_zarr(path: Path, source: np.ndarray, chunk: int, compress: bool, trans
 
 
 def write_h5(path: Path, source: np.ndarray, dtype: str) -> Path:
+    import h5py  # here, not at the top: benchmarks/gpu_check.py imports this module where h5py is absent
+
     if not path.exists():
         tmp = path.with_suffix(".tmp")
         with h5py.File(tmp, "w") as f:
@@ -220,6 +221,8 @@ def array_reader(array: Any, n: int, batch: int, mode: str) -> Iterator[tuple[to
 
 
 def h5_run(path: Path, batch: int, mode: str) -> Callable[[], tuple[int, float]]:
+    import h5py
+
     def run() -> tuple[int, float]:
         with h5py.File(path, "r") as f:
             ds = f["feats"]

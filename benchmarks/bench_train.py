@@ -26,6 +26,7 @@ The ratio columns divide each of our rows by the re-creation's pre-warm-up row a
 the same phase (P2Set off or on).
 
 Usage (repo root): python -m benchmarks.bench_train [--steps 10] [--warmup 3] [--batch 64] [--device cuda]
+[--set KEY=VALUE ...]
 (or ``python benchmarks/bench_train.py`` once the project is installed, tools/bootstrap.sh).
 """
 
@@ -332,8 +333,9 @@ class Bench:
 
 
 def fcvid_config(recipe: str, args: argparse.Namespace, amp: bool = False) -> Config:
+    """The FCVID preset of ``recipe`` at ``args.batch`` with ``amp``, then the ``--set`` overrides."""
     return build_config("fcvid", recipe, overrides=[f"train.batch_size={args.batch}",
-                                                    f"train.amp={'true' if amp else 'false'}"])
+                                                    f"train.amp={'true' if amp else 'false'}", *args.overrides])
 
 
 def amp_label(device: torch.device, amp: bool) -> str:
@@ -429,10 +431,12 @@ def busy_cpu_seconds() -> float | None:
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def run_interleaved(benches: list[Bench], warmup: int, steps: int, device: torch.device) -> None:
+def run_interleaved(benches: list[Bench], warmup: int, steps: int, device: torch.device,
+                    max_seconds: float = math.inf) -> None:
     """Warm up every variant, then time one step of each variant per round, rotating the order every round,
-    so that background load and thermal drift hit all variants alike. Reports the CPU share that other
-    processes used meanwhile (the timings are only trustworthy when it is near 0)."""
+    so that background load and thermal drift hit all variants alike; stop after the first round that ends
+    past ``max_seconds`` of timing. Reports the CPU share that other processes used meanwhile (the timings
+    are only trustworthy when it is near 0)."""
     for bench in benches:
         for i in range(warmup):
             bench.step(i)
@@ -445,6 +449,8 @@ def run_interleaved(benches: list[Bench], warmup: int, steps: int, device: torch
             bench.step(warmup + r)
             sync(device)
             bench.times.append(time.perf_counter() - start)
+        if time.perf_counter() - wall0 > max_seconds:
+            break
     busy1, own1, wall1 = busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
     if busy0 is not None and busy1 is not None:
         other = max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * (os.cpu_count() or 1))
@@ -474,6 +480,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64, help="videos per step")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--n-train", type=int, default=5000, help="training-set size of the random clustering")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override after the preset (repeatable), e.g. model.encoder_depth=2; "
+                             "data.max_frames must stay 25")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 2:
         parser.error("need --steps >= 1, --warmup >= 0, --batch >= 2")

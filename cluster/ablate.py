@@ -26,8 +26,10 @@ convergence claim for P2Set).
 
 Resuming: every finished trial writes ``<storage>/<name>/trials/<row>-s<seed>.json``. Re-running the same
 command runs only the trials without one (a trial interrupted mid-run resumes from its Train checkpoint, since
-its run name ``<name>-<row>-s<seed>`` is fixed) and reuses the parent MLflow run. A trial file written with
-another configuration is refused, naming the row and seed.
+its run name ``<name>-<row>-s<seed>`` is fixed) and reuses the parent MLflow run, which stays RUNNING until the
+trials have ended. Child runs a stopped attempt left RUNNING end KILLED and are continued by their trials, never
+duplicated; SIGINT/SIGTERM end the parent and the running trials KILLED (:mod:`cluster.trials`). A trial file
+written with another configuration is refused, naming the row and seed.
 """
 
 from __future__ import annotations
@@ -39,24 +41,30 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import numpy as np
 
-from autossvh.baselines import ITQ
 from autossvh.config import Config, config_from_dict
-from autossvh.engine import Retrieval, evaluate_codes
 from cluster import tracking
 from cluster.cli import config_from_args
-from cluster.preflight import check_destinations, check_training_inputs
-from cluster.runtime import absolute_path, configure_logging, init_ray, mlflow_locations, trial_resources
+from cluster.preflight import check_count, check_destinations, check_training_inputs
+from cluster.reference_codes import ReferenceRow, reference_rows
+from cluster.runtime import (
+    TRIAL_DRIVER_CPUS,
+    absolute_path,
+    configure_logging,
+    init_ray,
+    local_resources,
+    mlflow_locations,
+    trial_resources,
+    trials_at_once,
+)
 from cluster.train import add_arguments as add_train_arguments
 from cluster.train import fit_trial, resolve_data
-from storage.schema import queries_are_database
-from storage.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +79,17 @@ ROWS: dict[str, tuple[str, str | None, list[str]]] = {
     "hash-paper": ("paper hash layer (Eq. 6-7)", None, ["model.hash_layer=paper"]),
     "hash-released": ("released hash layer", None, ["model.hash_layer=released"]),
     "released": ("released code's recipe", "released", []),
+    "II-indep": ("random sampler, independent draws", None, ["sampler.kind=independent"]),
+    "sampler-salience": ("sampler hides by frame salience", None, ["sampler.kind=salience"]),
+    "pool-salience": ("codes pooled by frame salience", None, ["model.pooling=salience"]),
+    "centers-input": ("centres fixed from the input", None, ["loss.centers=input", "cluster.warmup_epoch=0"]),
+    "focused": ("focused recipe (beyond the paper)", "focused", ["cluster.warmup_epoch=0"]),  # centres from epoch 0
 }
 DEFAULT_ROWS = ("IX", "I", "II", "VI", "VII", "VIII", "released", "tau1", "tau3")
 FULL_ROW = "IX"
 CONVERGENCE_SHARE = 0.9
 KS = (5, 20, 40, 60, 80, 100)
+POOLING, RATE = "sampler/pooling_precision", "sampler/informative_rate"
 
 
 def row_definition(row: str) -> tuple[str, str | None, list[str]]:
@@ -101,7 +115,7 @@ def trial_config(dataset: str, args: argparse.Namespace, base_overrides: list[st
     _, recipe, overrides = row_definition(row)
     row_args = argparse.Namespace(**{**vars(args), "recipe": recipe or args.recipe,
                                      "overrides": [*args.overrides, *overrides, f"train.seed={seed}"]})
-    return config_from_args(dataset, row_args, base_overrides)
+    return config_from_args(dataset, row_args, base_overrides, strict=False)  # --set applies to every row
 
 
 @dataclass
@@ -115,6 +129,7 @@ class TrialResult:
     gmap_by_epoch: dict[int, float]
     mlflow_run_id: str
     config: dict[str, Any]
+    sampler: dict[str, float] = field(default_factory=dict)  # the last epoch's diagnostics (NaN-free metrics)
 
     def to_json(self) -> str:
         data = {**self.__dict__, "map_at_k": {str(k): v for k, v in self.map_at_k.items()},
@@ -159,22 +174,11 @@ def _trial(params: dict[str, Any], ablation: dict[str, Any]) -> dict[str, float]
     done = fit_trial(cfg, args, ablation, name, [TuneReportCallback()],
                      f"{ablation['label']}, row {row}, seed {seed}")
     gmap_by_epoch = {r.epoch + 1: r.retrieval.gmap_l2 for r in done.history if r.retrieval is not None}
+    probed = [r.sampler for r in done.history if r.sampler is not None]
     trial = TrialResult(row, seed, dict(done.retrieval.map_at_k), done.retrieval.gmap_l2, gmap_by_epoch,
-                        done.mlflow_run_id, cfg.to_dict())
+                        done.mlflow_run_id, cfg.to_dict(), probed[-1].metrics() if probed else {})
     _write_text(f"{ablation['results']}/{key}.json", trial.to_json())
     return {"gmap_l2": done.retrieval.gmap_l2, **{f"map_at_{k}": v for k, v in done.retrieval.map_at_k.items()}}
-
-
-def itq_baseline(url: str, options: dict[str, Any], nbits: int) -> Retrieval:
-    """ITQ of mean-pooled features fitted on the store's training split, evaluated under its protocol."""
-    store = open_store(url, options)
-    labels = store.eval_labels()
-    block = store.info.shard_videos
-    itq = ITQ.fit(store.split("train").feats, nbits, block=block)
-    query = itq.codes(store.split("query").feats, block=block)
-    db = query if queries_are_database(store.info.protocol) else itq.codes(store.split("database").feats,
-                                                                             block=block)
-    return evaluate_codes(query, labels["query"], db, labels["database"])
 
 
 @dataclass
@@ -192,6 +196,7 @@ class RowSummary:
     epochs_to_target: float | None  # mean first epoch at CONVERGENCE_SHARE of the full row's final GMAP
     peak_gmap: tuple[float, float]  # (mean, std) over seeds of the best GMAP of any evaluated epoch
     peak_epoch: float | None  # mean over seeds of the epoch of that best GMAP
+    sampler: dict[str, float] = field(default_factory=dict)  # mean over seeds of the last epoch's diagnostics
 
     @classmethod
     def of(cls, row: str, description: str, trials: list[TrialResult], target: float | None) -> RowSummary:
@@ -209,44 +214,64 @@ class RowSummary:
         if target is not None:
             firsts = [min((e for e, g in t.gmap_by_epoch.items() if g >= target), default=None) for t in trials]
             reached = float(np.mean(firsts)) if all(f is not None for f in firsts) else None
+        probed = {key: float(np.mean(values)) for key in set().union(*(t.sampler for t in trials))
+                  if len(values := [t.sampler[key] for t in trials if key in t.sampler]) == len(trials)}
         return cls(row, description, len(trials), dict(zip(KS, maps.mean(0).tolist(), strict=True)),
                    dict(zip(KS, maps.std(0).tolist(), strict=True)), float(gmaps.mean()), float(gmaps.std()),
-                   by_epoch, reached, (float(peak_values.mean()), float(peak_values.std())), peak_epoch)
+                   by_epoch, reached, (float(peak_values.mean()), float(peak_values.std())), peak_epoch, probed)
+
+    @classmethod
+    def training_free(cls, reference: ReferenceRow) -> RowSummary:
+        r = reference.retrieval
+        probed = {} if math.isnan(reference.pooling_precision) else {POOLING: reference.pooling_precision}
+        return cls(reference.row, reference.description, 1, dict(r.map_at_k), dict.fromkeys(KS, 0.0), r.gmap_l2, 0.0,
+                   {}, None, (r.gmap_l2, 0.0), None, probed)
 
 
-def summarise(trials: dict[str, TrialResult], rows: list[str], itq: Retrieval | None) -> list[RowSummary]:
-    """One summary per row (in ``rows`` order) plus ITQ; the convergence target is 90 % of the full row's mean
-    final GMAP when the full row ran."""
+def summarise(trials: dict[str, TrialResult], rows: list[str],
+              references: list[ReferenceRow] = ()) -> list[RowSummary]:
+    """One summary per row (in ``rows`` order) plus the training-free ``references``; the convergence target is
+    90 % of the full row's mean final GMAP when the full row ran."""
     by_row = {row: [t for t in trials.values() if t.row == row] for row in rows}
     full = by_row.get(FULL_ROW)
     target = CONVERGENCE_SHARE * float(np.mean([t.gmap_l2 for t in full])) if full else None
     summaries = [RowSummary.of(row, row_definition(row)[0], by_row[row], target) for row in rows if by_row[row]]
-    if itq is not None:
-        summaries.append(RowSummary("ITQ", "ITQ of mean-pooled features", 1,
-                                    dict(itq.map_at_k), dict.fromkeys(KS, 0.0), itq.gmap_l2, 0.0, {}, None,
-                                    (itq.gmap_l2, 0.0), None))
-    return summaries
+    return summaries + [RowSummary.training_free(reference) for reference in references]
 
 
 def table_text(summaries: list[RowSummary], title: str) -> str:
-    """The ablation table: mean ± std of mAP@K and GMAP per row, ΔGMAP against IX, the best GMAP of any evaluated
-    epoch (and when), epochs to 90 % of IX."""
+    """The ablation table: mean ± std of mAP@K and GMAP per row, ΔGMAP against IX, GMAP over ITQ's, the best GMAP
+    of any evaluated epoch (and when), the final GMAP's fall from it, epochs to 90 % of IX, and the last epoch's
+    view overlap and informative-frame precision of the hidden frames and of the pooling weights."""
     full = next((s for s in summaries if s.row == FULL_ROW), None)
-    header = (f"{'row':<12} {'what':<34} {'seeds':>5} " + " ".join(f"{'mAP@' + str(k):>13}" for k in KS)
-              + f" {'GMAP':>13} {'vs IX':>7} {'best GMAP':>13} {'at ep.':>6} {'ep. to 90% IX':>13}")
+    itq = next((s for s in summaries if s.row == "ITQ"), None)
+    header = (f"{'row':<16} {'what':<34} {'seeds':>5} " + " ".join(f"{'mAP@' + str(k):>13}" for k in KS)
+              + f" {'GMAP':>13} {'vs IX':>7} {'x ITQ':>6} {'best GMAP':>13} {'at ep.':>6} {'fall':>6} "
+              f"{'ep. to 90% IX':>13} {'overlap':>7} {'hid.prec':>8} {'pool.prec':>9}")
     lines = [title, header, "-" * len(header)]
+
+    def probed(s: RowSummary, key: str, width: int) -> str:
+        return f"{s.sampler[key]:>{width}.2f}" if key in s.sampler else f"{'-':>{width}}"
+
     for s in summaries:
         change = f"{100 * (s.gmap_mean / full.gmap_mean - 1):+6.1f}%" if full and full.gmap_mean > 0 else "    n/a"
-        epochs = "never" if s.epochs_to_target is None else f"{s.epochs_to_target:.1f}"
-        if s.row == "ITQ":
-            epochs = "-"
+        ratio = f"{s.gmap_mean / itq.gmap_mean:6.2f}" if itq and itq.gmap_mean > 0 else "   n/a"
+        epochs = "-" if not s.gmap_by_epoch else "never" if s.epochs_to_target is None else f"{s.epochs_to_target:.1f}"
+        fall = f"{100 * (1 - s.gmap_mean / s.peak_gmap[0]):5.1f}%" if s.gmap_by_epoch and s.peak_gmap[0] > 0 \
+            else f"{'-':>6}"
         cells = " ".join(f"{s.map_mean[k]:.4f}±{s.map_std[k]:.4f}" for k in KS)
         peak_at = "-" if s.peak_epoch is None else f"{s.peak_epoch:.1f}"
-        lines.append(f"{s.row:<12} {s.description[:34]:<34} {s.seeds:>5} {cells} "
-                     f"{s.gmap_mean:.4f}±{s.gmap_std:.4f} {change:>7} {s.peak_gmap[0]:.4f}±{s.peak_gmap[1]:.4f} "
-                     f"{peak_at:>6} {epochs:>13}")
+        lines.append(f"{s.row:<16} {s.description[:34]:<34} {s.seeds:>5} {cells} "
+                     f"{s.gmap_mean:.4f}±{s.gmap_std:.4f} {change:>7} {ratio} "
+                     f"{s.peak_gmap[0]:.4f}±{s.peak_gmap[1]:.4f} "
+                     f"{peak_at:>6} {fall} {epochs:>13} {probed(s, 'sampler/view_overlap', 7)} "
+                     f"{probed(s, 'sampler/hidden_precision', 8)} {probed(s, POOLING, 9)}")
     lines.append("GMAP: of the final epoch; best GMAP: the highest of any evaluated epoch (mean ± std over seeds) "
-                 "and the mean epoch it came at")
+                 "and the mean epoch it came at; fall: the final GMAP below the best")
+    rates = [s.sampler[RATE] for s in summaries if RATE in s.sampler]
+    if rates:
+        lines.append(f"hid.prec / pool.prec: share of the hidden frames / of the pooling weight on frames that show "
+                     f"the class, last epoch, against a base rate of {np.mean(rates):.2f}")
     if full is not None:
         lines.append(f"epochs to 90%: first epoch (1-based, mean over seeds) at which a row's GMAP reaches "
                      f"{CONVERGENCE_SHARE:.0%} of IX's mean final GMAP ({CONVERGENCE_SHARE * full.gmap_mean:.4f})")
@@ -260,8 +285,8 @@ def plot_gmap_by_epoch(summaries: list[RowSummary], path: Path, title: str) -> P
     fig = Figure(figsize=(8.0, 5.0), dpi=120)
     ax = fig.add_subplot(1, 1, 1)
     for s in summaries:
-        if s.row == "ITQ":
-            ax.axhline(s.gmap_mean, color="grey", linestyle="--", linewidth=1.2, label="ITQ (no training)")
+        if not s.gmap_by_epoch:  # a training-free row
+            ax.axhline(s.gmap_mean, linestyle="--", linewidth=1.2, label=f"{s.row}: {s.description}")
             continue
         epochs = sorted(s.gmap_by_epoch)
         mean = np.array([s.gmap_by_epoch[e][0] for e in epochs])
@@ -280,15 +305,23 @@ def plot_gmap_by_epoch(summaries: list[RowSummary], path: Path, title: str) -> P
     return path
 
 
-def _parent_run(state_url: str, mlflow_uri: str, artifacts: str, args: argparse.Namespace, name: str,
-                cfg: Config, extra: dict[str, Any]) -> str:
-    """The ablation's parent MLflow run: the one recorded by an earlier attempt, else a new one."""
+def _parent_run(plan: AblationPlan, args: argparse.Namespace, extra: dict[str, Any]) -> str:
+    """The ablation's parent MLflow run, RUNNING until :func:`report` ends it: the one recorded by an earlier
+    attempt (the children that attempt's stopped job left RUNNING end KILLED; their trials run again and continue
+    them), else a new one with the base config and ``extra`` as params."""
+    state_url = f"{plan.root}/ablation.json"
     fs, path = fsspec.core.url_to_fs(state_url)
     if fs.exists(path):
-        return json.loads(fs.cat_file(path))["parent_run_id"]
-    with tracking.start_run(mlflow_uri, args.experiment, run_name=name, artifact_location=artifacts) as parent:
-        tracking.log_config(cfg, extra)
-        run_id = parent.info.run_id
+        run_id = json.loads(fs.cat_file(path))["parent_run_id"]
+        stale = tracking.end_open_children(plan.mlflow_uri, run_id, "KILLED", "found RUNNING when the ablation was "
+                                           "re-run: the job that ran it was stopped")
+        if stale:
+            log.warning("MLflow runs a stopped attempt left RUNNING, now KILLED: %s", ", ".join(stale))
+        tracking.reopen_run(plan.mlflow_uri, run_id)
+        return run_id
+    run_id = tracking.create_run(plan.mlflow_uri, args.experiment, plan.name, artifact_location=plan.artifacts,
+                                 tags=tracking.run_tags(sys.argv[0], plan.label, plan.base),
+                                 params=tracking.config_params(plan.base, extra))
     _write_text(state_url, json.dumps({"parent_run_id": run_id}))
     return run_id
 
@@ -326,6 +359,10 @@ def plan_ablation(dataset: str, args: argparse.Namespace) -> AblationPlan:
         row_definition(row)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    check_count(args.max_concurrent, "--max-concurrent", 1)
+    local = local_resources(min_cpus(args), args.num_cpus)
+    if local is not None:  # the local Ray's resources are known before it starts
+        trials_at_once(args, local, len(rows) * args.seeds)
     name = args.name or f"{dataset}-ablation"
     mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
     check_destinations(args.storage, name, mlflow_uri, artifacts)
@@ -344,31 +381,45 @@ def plan_ablation(dataset: str, args: argparse.Namespace) -> AblationPlan:
         if key in configs and trial.config != configs[key]:
             raise ValueError(f"trial {key} of ablation {name!r} was run with another configuration (in "
                              f"{root}/trials/{key}.json); use another --name, or the settings it ran with")
-    return AblationPlan(name, rows, url, store.label, options, config_from_args(dataset, args, base_overrides),
+    return AblationPlan(name, rows, url, store.label, options, config_from_args(dataset, args, base_overrides, False),
                         configs, root, finished, mlflow_uri, artifacts)
 
 
+def min_cpus(args: argparse.Namespace) -> int:
+    """The CPUs a local Ray needs for one trial: its Train workers, its Tune function and one to spare."""
+    return int(args.workers * args.cpus_per_worker) + 2
+
+
 def run_trials(plan: AblationPlan, args: argparse.Namespace, parent_run_id: str) -> None:
-    """The pending trials as one Ray Tune grid, as many at once as the cluster holds (or --max-concurrent)."""
+    """The pending trials as one Ray Tune grid, as many at once as the cluster holds (or --max-concurrent), each
+    finished, failed or stopped trial said in one line and its MLflow child run ended accordingly
+    (:mod:`cluster.trials`)."""
     import ray
     from ray import tune
 
+    from cluster.trials import TrialTrail, tune_run_options
+
     pending = plan.pending()
-    init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus, args.verbose)
-    args.gpus_per_worker, fits = trial_resources(args, ray.cluster_resources())
+    init_ray(min_cpus(args), args.num_cpus, args.verbose)  # started by run_planned; here for a direct call
+    args.gpus_per_worker, _ = trial_resources(args, ray.cluster_resources())
+    concurrent = trials_at_once(args, ray.cluster_resources(), len(pending))
     storage = absolute_path(args.storage)
     args.storage, args.mlflow_uri, args.mlflow_artifacts = storage, plan.mlflow_uri, plan.artifacts  # trial folders
     ablation = {"configs": plan.configs, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in
                                                    vars(args).items()},
                 "url": plan.url, "options": plan.options, "name": plan.name, "parent_run_id": parent_run_id,
                 "results": plan.results, "label": plan.label, "script": sys.argv[0]}
+    trail = TrialTrail(plan.mlflow_uri, parent_run_id, len(pending),
+                       lambda trial: f"{plan.name}-{trial_key(**trial.config['trial'])}", plan.base.train.num_epochs)
     tuner = tune.Tuner(
-        tune.with_parameters(_trial, ablation=ablation),
+        tune.with_resources(tune.with_parameters(_trial, ablation=ablation), {"CPU": TRIAL_DRIVER_CPUS}),
         param_space={"trial": tune.grid_search(pending)},
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=args.max_concurrent or min(fits,
-                                                                                                 len(pending))),
-        run_config=tune.RunConfig(storage_path=storage, name=f"{plan.name}-tune-{int(time.time())}"),
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(storage_path=storage, name=f"{plan.name}-tune-{int(time.time())}",
+                                  callbacks=[trail], **tune_run_options(args.verbose)),
     )
+    log.info("running %d trial(s), %d at a time; Ray's own output is in its session logs%s", len(pending),
+             concurrent, "" if args.verbose else " (--verbose shows it)")
     grid = tuner.fit()
     if grid.num_errors:
         log.error("%d of %d trials failed; see the trial logs under %s. Re-run the same command to run them again "
@@ -379,7 +430,7 @@ def report(plan: AblationPlan, args: argparse.Namespace, parent_run_id: str) -> 
     """The table, figure and summary of the finished trials, printed and logged to the parent run."""
     finished = {k: v for k, v in read_trials(plan.results).items() if k in plan.configs}
     missing = [key for key in plan.configs if key not in finished]
-    summaries = summarise(finished, plan.rows, itq_baseline(plan.url, plan.options, plan.base.model.nbits))
+    summaries = summarise(finished, plan.rows, reference_rows(plan.url, plan.options, plan.base))
     title = (f"{plan.label} ablation {plan.name!r}, {plan.base.model.nbits} bits, {plan.base.train.num_epochs} "
              "epochs, test protocol, mean ± std over seeds")
     text = table_text(summaries, title)
@@ -396,8 +447,10 @@ def report(plan: AblationPlan, args: argparse.Namespace, parent_run_id: str) -> 
             mlflow.log_artifact(str(out / file))
         mlflow.log_metrics({f"{s.row}/gmap_l2_mean": s.gmap_mean for s in summaries}
                            | {f"{s.row}/gmap_l2_std": s.gmap_std for s in summaries})
+    if missing:  # the parent is finished only when its trials are
+        tracking.end_run(plan.mlflow_uri, parent_run_id, "FAILED", f"trials without a result: {', '.join(missing)}")
     print(text)
-    print(f"MLflow parent run {parent_run_id}: mlflow ui --backend-store-uri {plan.mlflow_uri}")
+    print(f"MLflow parent run {parent_run_id}\n{tracking.ui_hint(plan.mlflow_uri, parent_run_id)}")
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps({"rows": rows, "missing": missing, "parent_run_id": parent_run_id},
@@ -416,14 +469,31 @@ def run_ablation(dataset: str, args: argparse.Namespace) -> int:
     except (ValueError, tracking.TrackingError) as err:
         log.error("%s", err)
         return 2
-    parent_run_id = _parent_run(f"{plan.root}/ablation.json", plan.mlflow_uri, plan.artifacts, args, plan.name,
-                                plan.base, {"data": plan.url, "rows": plan.rows, "seeds": args.seeds, "ablation": True})
+    from cluster.trials import JobStopped
+
+    try:
+        return run_planned(plan, args)
+    except JobStopped as stopped:
+        log.error("stopped by %s: the MLflow parent run and the trials that were running are marked KILLED; "
+                  "re-run the same command to run the unfinished trials", stopped)
+        return 128 + stopped.signum
+
+
+def run_planned(plan: AblationPlan, args: argparse.Namespace) -> int:
+    """Run the pending trials of a checked plan under its parent MLflow run and report; returns the exit code."""
+    from cluster.trials import stopping_ends_runs
+
+    parent_run_id = _parent_run(plan, args, {"data": plan.url, "rows": plan.rows, "seeds": args.seeds,
+                                             "ablation": True})
     pending = plan.pending()
     log.info("ablation %r: %d rows x %d seeds, %d trials done, %d to run", plan.name, len(plan.rows), args.seeds,
              len(plan.configs) - len(pending), len(pending))
     if pending:
-        run_trials(plan, args, parent_run_id)
-    return report(plan, args, parent_run_id)
+        init_ray(min_cpus(args), args.num_cpus, args.verbose)
+    with stopping_ends_runs(plan.mlflow_uri, parent_run_id):
+        if pending:
+            run_trials(plan, args, parent_run_id)
+        return report(plan, args, parent_run_id)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

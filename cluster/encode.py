@@ -6,9 +6,10 @@ import argparse
 import logging
 
 from cluster.cli import add_model_arguments
-from cluster.retrieval import encode_to_code_store, load_model_ref
+from cluster.retrieval import encode_to_code_store, load_model_ref, model_path
 from cluster.runtime import absolute_uri, configure_logging, init_ray
 from storage.schema import SPLITS
+from storage.store import check_apart
 from storage.writer import storage_options_from
 
 log = logging.getLogger(__name__)
@@ -20,13 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="code store URL to create (jobs/search.py --codes)")
     parser.add_argument("--out-storage-option", dest="out_storage_options", action="append", default=[],
                         metavar="KEY=VALUE", help="fsspec option for --out, repeatable")
-    parser.add_argument("--overwrite", action="store_true", help="replace a complete code store at --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a complete code store at --out "
+                        "(only a code store: a feature store or anything else there is refused)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Encode ``--split`` of ``--data`` into ``--out``; exit status 2 on bad input (nothing marked complete)."""
     configure_logging(args.verbose)
     try:
+        check_apart({"--out": args.out}, {"--data": args.data, "--model": model_path(args.model)})
         options = storage_options_from(args.storage_options)
         out_options = storage_options_from(args.out_storage_options)
         model = load_model_ref(args.model, absolute_uri(args.mlflow_uri))

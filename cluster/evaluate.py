@@ -12,11 +12,11 @@ from pathlib import Path
 
 from cluster import plots
 from cluster.cli import add_model_arguments
-from cluster.preflight import check_evaluation_inputs
-from cluster.results import map_table_dict, write_result_files
-from cluster.retrieval import evaluate_on_store, load_model_ref
+from cluster.preflight import check_evaluation_inputs, check_evaluation_options, check_output_file, check_output_folder
+from cluster.results import map_table_dict, staged_folder, write_result_files, write_text_atomically
+from cluster.retrieval import evaluate_on_store, load_model_ref, model_path
 from cluster.runtime import absolute_uri, configure_logging, init_ray
-from storage.store import open_store
+from storage.store import check_apart, open_store
 from storage.writer import storage_options_from
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,12 @@ def main(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     curves = []
     try:
+        check_evaluation_options(args)
+        check_output_folder(args.out, "--out")
+        check_output_file(args.summary_json, "--summary-json")
+        models = {f"--model{'' if len(args.model) == 1 else f' #{i}'}": model_path(ref)
+                  for i, ref in enumerate(args.model, start=1)}
+        check_apart({"--out": args.out, "--summary-json": args.summary_json}, {"--data": args.data, **models})
         options = storage_options_from(args.storage_options)
         store = open_store(args.data, options)
         check_evaluation_inputs(store)
@@ -51,17 +57,18 @@ def main(args: argparse.Namespace) -> int:
     for ref, model, retrieval in curves:
         print(retrieval.table(f"{ref}: {model.cfg.model.nbits} bits, {model.cfg.recipe} recipe, on {label}"))
     title = f"{label} ({args.data})"
-    if len(curves) == 1:
-        ref, model, retrieval = curves[0]
-        paths = write_result_files(model.cfg, retrieval, [], args.out, f"{title}, {ref}")
-    else:
-        labelled = [plots.Curve(f"{ref} ({model.cfg.model.nbits} bits)", retrieval) for ref, model, retrieval in curves]
-        paths = {"pr_curve": plots.pr_curves(labelled, args.out / "pr_curve.png", title),
-                 "map_by_k": plots.map_by_k(labelled, args.out / "map_by_k.png", title)}
-    print(f"figures: {paths['pr_curve']}, {paths['map_by_k']}")
-    if args.summary_json is not None:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        results = [{"model": ref, "nbits": model.cfg.model.nbits, **map_table_dict(retrieval)}
-                   for ref, model, retrieval in curves]
-        args.summary_json.write_text(json.dumps({"data": args.data, "results": results}, indent=2))
+    with staged_folder(args.out) as stage:  # the figures, tables and summary appear together or not at all
+        if len(curves) == 1:
+            ref, model, retrieval = curves[0]
+            paths = write_result_files(model.cfg, retrieval, [], stage, f"{title}, {ref}")
+        else:
+            labelled = [plots.Curve(f"{ref} ({model.cfg.model.nbits} bits)", retrieval)
+                        for ref, model, retrieval in curves]
+            paths = {"pr_curve": plots.pr_curves(labelled, stage / "pr_curve.png", title),
+                     "map_by_k": plots.map_by_k(labelled, stage / "map_by_k.png", title)}
+        if args.summary_json is not None:
+            results = [{"model": ref, "nbits": model.cfg.model.nbits, **map_table_dict(retrieval)}
+                       for ref, model, retrieval in curves]
+            write_text_atomically(args.summary_json, json.dumps({"data": args.data, "results": results}, indent=2))
+    print(f"figures: {args.out / paths['pr_curve'].name}, {args.out / paths['map_by_k'].name}")
     return 0

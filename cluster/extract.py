@@ -34,10 +34,10 @@ import numpy as np
 
 from cluster.runtime import absolute_path, configure_logging, init_ray
 from storage.backbones import BACKBONES, DEFAULT_BACKBONE, ExtractorSettings, resolve_weights
-from storage.extraction import LabelFile, SplitWriter, decode_one, list_videos
+from storage.extraction import LabelFile, SplitWriter, decode_one, glob_root, list_videos
 from storage.schema import PROTOCOLS, SPLITS
-from storage.store import FEATURE_DTYPES
-from storage.video import VideoError
+from storage.store import FEATURE_DTYPES, check_apart
+from storage.video import DECODE_TIMEOUT_S, VideoError
 from storage.writer import storage_options_from
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,9 @@ CPU_FORWARD_FRAMES = 32  # frames per forward pass on a CPU actor (bounds VGG-16
 
 
 def decode_batch(batch: dict[str, np.ndarray], settings: ExtractorSettings,
-                 storage_options: dict[str, Any] | None) -> dict[str, np.ndarray]:
-    """Ray Data CPU task: the T frames of each video of ``batch["path"]``; a video that cannot be decoded gets
-    ``ok = False``, its error, and zero frames that the model stage skips."""
+                 storage_options: dict[str, Any] | None, timeout: float) -> dict[str, np.ndarray]:
+    """Ray Data CPU task: the T frames of each video of ``batch["path"]``; a video that cannot be decoded (or not
+    within ``timeout`` seconds) gets ``ok = False``, its error, and zero frames that the model stage skips."""
     paths = [str(p) for p in batch["path"]]
     frames = np.zeros((len(paths), settings.frames, settings.crop, settings.crop, 3), np.uint8)
     ok = np.zeros(len(paths), bool)
@@ -62,7 +62,7 @@ def decode_batch(batch: dict[str, np.ndarray], settings: ExtractorSettings,
     for i, path in enumerate(paths):
         began = time.perf_counter()
         try:
-            frames[i], counts[i] = decode_one(path, settings, storage_options)
+            frames[i], counts[i] = decode_one(path, settings, storage_options, timeout=timeout)
             ok[i] = True
         except VideoError as err:
             errors[i] = str(err)
@@ -157,7 +157,8 @@ def build_dataset(videos: list[str], settings: ExtractorSettings, args: argparse
     memory = DECODE_BATCH * settings.frames * settings.crop ** 2 * 3 + DECODER_MEMORY
     dataset = dataset.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1,
                                   memory=memory,
-                                  fn_kwargs={"settings": settings, "storage_options": storage_options})
+                                  fn_kwargs={"settings": settings, "storage_options": storage_options,
+                                             "timeout": args.decode_timeout})
     return dataset.map_batches(
         FeatureModel, batch_size=args.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=args.workers),
@@ -172,9 +173,13 @@ def run_extract(args: argparse.Namespace) -> ExtractSummary:
     for name in ("batch_size", "workers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.decode_timeout > 0:
+        raise ValueError(f"--decode-timeout must be > 0 seconds, got {args.decode_timeout}")
+    out = absolute_path(args.out)
+    check_apart({"--out": out, "--summary-json": args.summary_json},
+                {"--videos": glob_root(args.videos), "--labels": args.labels, "--weights": args.weights})
     resolve_weights(settings)
     options = storage_options_from(args.storage_options)
-    out = absolute_path(args.out)
     listing = list_videos(args.videos, options)
     labels = LabelFile.read(args.labels) if args.labels else None
     writer = SplitWriter.open(out, args.split, listing, settings, protocol=args.protocol, dataset=args.dataset,
@@ -274,7 +279,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
                         metavar="KEY=VALUE", help="fsspec option for --videos, --out and --labels, repeatable")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace whatever store is at --out (with all of its splits)")
+                        help="replace the store at --out that jobs/extract.py wrote (with all of its splits); "
+                        "another kind of store, or anything else, is refused")
+    parser.add_argument("--decode-timeout", type=float, default=DECODE_TIMEOUT_S, metavar="SECONDS",
+                        help="a video whose decoding takes longer is listed as failed (a stalled read)")
     parser.add_argument("--summary-json", type=Path, help="write the run's summary here")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without RAY_ADDRESS "
                         "(default: the machine's cores)")

@@ -12,6 +12,7 @@ writer, while ingesting or generating; every reader, where they were written pas
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,17 @@ from storage.schema import stored_split
 from storage.store import READ_ERRORS, FeatureStore, StoreError, StoreInfo, verify_shards
 
 SHAPE_KEYS = ("data.feature_size", "data.max_frames")
+# Names a user gives (--name, --register; --experiment also with '/'): the documented rule.
+MAX_NAME_LENGTH = 100
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9/][A-Za-z0-9._/-]*")
+NAME_RULE = (f"use 1 to {MAX_NAME_LENGTH} characters: letters, digits, '.', '_' and '-', starting with a letter or "
+             "digit, without '..'")
+EXPERIMENT_RULE = (f"use 1 to {MAX_NAME_LENGTH} characters: letters, digits, '.', '_', '-' and '/', starting with a "
+                   "letter, digit or '/', without '..'")
+# MLflow tracking URI schemes a job accepts (a "+driver" suffix allowed, e.g. postgresql+psycopg2), and "databricks".
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+SQLITE_HEADER = b"SQLite format 3\x00"
 LABEL_BLOCK_ROWS = 1 << 16  # rows of labels read at a time when looking for videos without a label
 
 
@@ -73,9 +85,12 @@ def check_training_inputs(cfg: Config, store: FeatureStore, world_size: int) -> 
 
 def check_evaluation_inputs(store: FeatureStore) -> None:
     """What evaluating on ``store`` needs: every shard file of every stored split present with an intact index,
-    a database at least as large as the largest K of mAP@K, and a label for every query and database video."""
+    unique video ids and 0/1 labels in each split, a database at least as large as the largest K of mAP@K, and a
+    label for every query and database video."""
     for split in dict.fromkeys(stored_split(store.info.protocol, s) for s in ("train", "query", "database")):
         verify_shards(store, split)
+        store.check_unique_ids(split)
+        store.check_labels(split)
     check_database_size(store)
     check_eval_labels(store)
 
@@ -89,31 +104,178 @@ def check_database_size(store: FeatureStore) -> None:
                          f"needs at least K = {k}; add videos to the database split")
 
 
+def check_name(value: str, option: str, what: str, *, slashes: bool = False) -> None:
+    """A name by ``NAME_RULE`` (``EXPERIMENT_RULE`` with ``slashes``: MLflow experiments such as Databricks'
+    workspace paths), refused by ``option`` and ``what`` it names; a long value is shown shortened."""
+    pattern = EXPERIMENT_NAME if slashes else NAME
+    if len(value) <= MAX_NAME_LENGTH and pattern.fullmatch(value) and ".." not in value:
+        return
+    shown = repr(value) if len(value) <= 60 else f"{value[:40]!r}... ({len(value)} characters)"
+    raise PreflightError(f"{option} {shown}: {what}: {EXPERIMENT_RULE if slashes else NAME_RULE}")
+
+
 def check_run_name(name: str) -> None:
-    """A run name is one folder inside --storage: no path separators, no '..', not absolute, not empty."""
-    if name in ("", ".") or ".." in name or "/" in name or "\\" in name or name.startswith("~"):
-        raise PreflightError(f"--name {name!r}: a run name is one folder name inside --storage: use letters, digits, "
-                             "'-', '_' and '.', without '/', '\\', '..' or a leading '~'")
+    """A run name is one folder inside --storage (``NAME_RULE``: no separators, no '..', not hidden or empty)."""
+    check_name(name, "--name", "a run name is one folder name inside --storage")
 
 
-def check_writable_folder(path: str | Path, what: str) -> None:
-    """That the local folder ``path`` can be written, or created where it is missing: a file is written (then
-    deleted) in it or in its nearest existing parent; nothing is left behind."""
+def check_tracking_uri(uri: str, option: str = "--mlflow-uri") -> None:
+    """An MLflow tracking URI of a known scheme (``TRACKING_SCHEMES``); a ``sqlite:///`` path that is a SQLite
+    file, or not there yet; a ``file://`` store that is a folder. Reads at most the file's first 16 bytes."""
+    scheme, sep, rest = uri.partition("://")
+    if uri == "databricks" or scheme == "databricks":
+        return
+    if not sep:
+        raise PreflightError(f"{option} {uri!r}: not a URI; use sqlite:///PATH/mlflow.db (a local SQLite file), "
+                             "file:///PATH (a folder) or http(s)://HOST:PORT (a tracking server)")
+    if scheme.split("+")[0].lower() not in TRACKING_SCHEMES:
+        raise PreflightError(f"{option} {uri}: unknown scheme {scheme!r}; allowed: {', '.join(TRACKING_SCHEMES)}")
+    if scheme == "file":
+        folder = Path(rest)
+        if folder.exists() and not folder.is_dir():
+            raise PreflightError(f"{option} {uri}: {folder} is not a folder (a file:// store is one)")
+    if scheme != "sqlite":
+        return
+    if not rest.startswith("/") or rest == "/":
+        raise PreflightError(f"{option} {uri}: name the database file, sqlite:///PATH/mlflow.db")
+    path = Path(rest[1:])
+    if path.is_dir():
+        raise PreflightError(f"{option} {uri}: {path} is a folder, not a SQLite file; name a file in it, e.g. "
+                             f"sqlite:///{path / 'mlflow.db'}")
+    if path.exists() and not path.is_file():
+        raise PreflightError(f"{option} {uri}: {path} is not a regular file")
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+        if header != SQLITE_HEADER:
+            raise PreflightError(f"{option} {uri}: {path} is not a SQLite database (it does not start with "
+                                 f"{SQLITE_HEADER!r}); name another file or a new one")
+
+
+def check_count(value: float | None, option: str, minimum: float, *, strict: bool = False) -> None:
+    """A worker count or another resource request: ``value >= minimum`` (``> minimum`` when ``strict``); None
+    (the option's default) passes."""
+    if value is not None and not (value > minimum if strict else value >= minimum):
+        raise PreflightError(f"{option} {value:g}: must be {'>' if strict else '>='} {minimum:g}")
+
+
+def check_device(device: str) -> None:
+    """A torch device this machine has: ``cpu``, ``cuda`` / ``cuda:N`` where CUDA is available, ``mps`` on
+    Apple silicon."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise PreflightError(f"--device {device!r}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+            raise PreflightError(f"--device {device}: CUDA is not available on this machine ({build}); use "
+                                 "--device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise PreflightError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to "
+                                 f"cuda:{count - 1}")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise PreflightError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type != "cpu":
+        raise PreflightError(f"--device {device}: not supported; use cpu, cuda, cuda:N or mps")
+
+
+def check_output_file(path: str | Path | None, option: str) -> None:
+    """A file a job writes when it is done (``--summary-json``, ``--json``): not a folder, in a folder that can
+    be written or created. None (not asked for) passes."""
+    if path is None:
+        return
+    file = Path(path).absolute()
+    if file.is_dir():
+        raise PreflightError(f"{option} {file}: is a folder; name a file")
+    if file.exists() and not file.is_file():
+        raise PreflightError(f"{option} {file}: is not a regular file")
+    check_writable_folder(file.parent, option, file)
+
+
+def check_output_folder(path: str | Path, option: str) -> None:
+    """A local folder a job writes its results into (``--out``): a folder or nothing yet, creatable and
+    writable. URLs (``s3://...``) pass: their writability is found by the first write."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return
+    folder = Path(str(path).removeprefix("file://")).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise PreflightError(f"{option} {folder}: is a file, not a folder")
+    check_writable_folder(folder, option)
+
+
+def check_resumed_run(mlflow_uri: str, run_id: str, name: str, storage: str) -> None:
+    """On resume: the MLflow run that the checkpoint of run ``name`` continues must be in the tracking store
+    ``mlflow_uri`` (a missing SQLite file is not created to find that out)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    where = (f"run {name!r} in {storage} resumes MLflow run {run_id}, which --mlflow-uri {mlflow_uri} does not "
+             "hold; pass the --mlflow-uri the run was started with, or another --name to start a new run")
+    if mlflow_uri.startswith("sqlite:///") and not Path(mlflow_uri.removeprefix("sqlite:///")).is_file():
+        raise PreflightError(f"{where} (no such file)")
+    try:
+        MlflowClient(mlflow_uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise PreflightError(where) from None
+        raise
+
+
+def check_writable_folder(path: str | Path, what: str, file: Path | None = None) -> None:
+    """That the local folder ``path`` (of ``file``, named in the error instead, when given) can be written, or
+    created where it is missing: a file is written (then deleted) in it or in its nearest existing parent;
+    nothing is left behind."""
     folder = Path(path).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise PreflightError(f"{what} {folder}: {existing} is a file, not a folder")
+        raise PreflightError(f"{what} {file or folder}: {existing} is a file, not a folder")
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
             pass
     except OSError as err:
-        raise PreflightError(f"{what} {folder}: cannot write in {existing} ({err.strerror or err})") from None
+        raise PreflightError(f"{what} {file or folder}: cannot write in {existing} ({err.strerror or err})") from None
+
+
+def check_run_options(args: argparse.Namespace) -> None:
+    """The options of a Ray training job (``cluster.train.add_arguments``, which the sweep and the ablation
+    share) that name, point at or request something, before anything is read, generated or started: the names,
+    the tracking URI, the worker and resource counts, the summary file."""
+    if args.name is not None:
+        check_run_name(args.name)
+    check_name(args.experiment, "--experiment", "an MLflow experiment name", slashes=True)
+    if args.register is not None:
+        check_name(args.register, "--register", "a registered model name")
+    check_tracking_uri(args.mlflow_uri)
+    check_count(args.workers, "--workers", 1)
+    check_count(args.cpus_per_worker, "--cpus-per-worker", 0, strict=True)
+    check_count(args.gpus_per_worker, "--gpus-per-worker", 0)
+    check_count(args.loader_workers, "--loader-workers", 0)
+    check_count(args.max_failures, "--max-failures", -1)
+    check_count(args.num_cpus, "--num-cpus", 1)
+    check_output_file(args.summary_json, "--summary-json")
+
+
+def check_evaluation_options(args: argparse.Namespace) -> None:
+    """The options of ``cluster.cli.add_evaluation_arguments`` (jobs that encode a store with a model): the
+    tracking URI, the worker count (0: in the job's process), GPUs, the batch size and the CPUs."""
+    check_tracking_uri(args.mlflow_uri)
+    check_count(args.workers, "--workers", 0)
+    check_count(args.gpus_per_worker, "--gpus-per-worker", 0)
+    check_count(args.batch_size, "--batch-size", 1)
+    check_count(args.num_cpus, "--num-cpus", 1)
 
 
 def check_destinations(storage: str, name: str, mlflow_uri: str, artifacts: str) -> None:
-    """Where a run writes, checked before Ray starts: its name stays inside ``storage``; ``storage``, the MLflow
-    SQLite file's folder and the artifact folder (the local ones) can be written."""
+    """Where a run writes, checked before Ray starts: its name stays inside ``storage``; the tracking URI is one
+    MLflow can use; ``storage``, the MLflow SQLite file's folder and the artifact folder (the local ones) can be
+    written."""
     check_run_name(name)
+    check_tracking_uri(mlflow_uri)
     if "://" not in storage:
         check_writable_folder(storage, "--storage")
     if mlflow_uri.startswith("sqlite:///"):

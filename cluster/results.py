@@ -1,10 +1,14 @@
 """The result files of a training run or an evaluation: the resolved config, the mAP@K table (json, csv, txt)
-and the figures of :mod:`cluster.plots`."""
+and the figures of :mod:`cluster.plots`; :func:`staged_folder` puts a job's files in place all at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +59,30 @@ def write_result_files(cfg: Config, retrieval: Retrieval, history: Sequence[Epoc
         if deciles is not None:
             paths["sampler_deciles"] = deciles
     return paths
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A hidden temporary folder next to ``out`` to write a job's result files into. When the block succeeds its
+    files move into ``out`` (created if missing; files of the same name replaced, others kept); when it fails
+    they are removed, so ``out`` never holds a partial set of one run's files."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield stage
+        out.mkdir(exist_ok=True)
+        for item in sorted(stage.iterdir()):
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file in its folder, so that it is never seen half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

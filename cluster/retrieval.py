@@ -29,7 +29,7 @@ from cluster.tracking import MODEL_STATE_FILE
 from storage.codes import DEFAULT_CHUNK_ROWS, CodeStore, CodeStoreWriter, create_code_store
 from storage.reader import EvalReader, make_loader
 from storage.schema import queries_are_database
-from storage.store import FeatureStore, StoreInfo, open_store
+from storage.store import FeatureStore, StoreInfo, check_apart, open_store
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ def _model_file(path: Path) -> Path:
     if found:
         return found[0]
     raise ModelRefError(f"{path}: no {CHECKPOINT_FILE}, model.pt, {CHECKPOINT_SNAPSHOT} or logged model in this folder")
+
+
+def model_path(ref: str) -> str | None:
+    """The local file or folder a model reference reads (an input of the job), None for an MLflow URI."""
+    return None if ref.startswith(MLFLOW_SCHEMES) else ref
 
 
 def load_model_ref(ref: str, tracking_uri: str | None = None) -> AutoSSVH:
@@ -166,8 +171,11 @@ def encode_to_code_store(model: AutoSSVH, model_ref: str, url: str, split: str, 
     """Encode ``split`` of the store at ``url`` into a new code store at ``out`` (packed codes, video ids and,
     for a labelled split, labels), marked complete only when every row is written. Each task writes whole
     chunks of ``chunk_rows`` codes, so there are at most as many tasks as chunks."""
+    check_apart({"--out": out}, {"--data": url})
     store: FeatureStore = open_store(url, options)
     check_model_fits(model, store.info, url)
+    store.check_unique_ids(split)
+    store.check_labels(split)
     labelled = store.is_labelled(split)
     writer = create_code_store(out, model.cfg.model.nbits, store.num_videos(split), dataset=store.info.dataset,
                                split=split, source=url, model=model_ref,

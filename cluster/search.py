@@ -26,6 +26,8 @@ import numpy as np
 
 from autossvh.search import INDEX_KINDS, HammingIndex, IndexKind
 from storage.codes import CodeStore, open_code_store
+from storage.store import not_a_regular_file
+from storage.video import DECODE_TIMEOUT_S
 from storage.writer import SourceError, run_job, storage_options_from
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,8 @@ def video_features(args: argparse.Namespace, store: CodeStore) -> np.ndarray:
         settings = dataclasses.replace(settings, weights=args.weights)
     log.info("extracting %d video(s) with %s as %s was extracted", len(args.video), settings.backbone, source)
     try:
-        return extract_videos(args.video, settings, dtype, storage_options_from(args.storage_options))
+        return extract_videos(args.video, settings, dtype, storage_options_from(args.storage_options),
+                              timeout=args.decode_timeout)
     except (VideoError, BackboneError) as err:
         raise SourceError(f"--video: {err}") from None
 
@@ -184,6 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "extractor to use (default: the code store's source)")
     parser.add_argument("--weights", metavar="PATH", help="--video: the backbone's state dict, where the store's "
                         "weights file is not at its recorded place")
+    parser.add_argument("--decode-timeout", type=float, default=DECODE_TIMEOUT_S, metavar="SECONDS",
+                        help="--video: give up on a video whose decoding takes longer (a stalled read)")
     parser.add_argument("--mlflow-uri", default="sqlite:///runs/mlflow.db",
                         help="MLflow tracking URI that holds --model")
     parser.add_argument("--top-k", type=int, default=10, help="results per query (all stored videos at most)")
@@ -195,6 +200,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
 
 
+def check_query_files(args: argparse.Namespace) -> None:
+    """Refuse a ``--features`` or ``--video`` that is not a regular file (a FIFO would block forever), by name,
+    before any store or model is opened."""
+    from storage.extraction import check_video_files
+    from storage.video import VideoError
+
+    if args.features is not None:
+        problem = not_a_regular_file(args.features)
+        if problem:
+            raise SourceError(f"--features {args.features}: {problem}")
+    try:
+        check_video_files(args.video or [], storage_options_from(args.storage_options))
+    except VideoError as err:
+        raise SourceError(f"--video {err}") from None
+
+
 def run_search(args: argparse.Namespace) -> list[QueryResult]:
     """Open the store, build the query codes, search and print the results."""
     if args.top_k < 1:
@@ -204,6 +225,7 @@ def run_search(args: argparse.Namespace) -> list[QueryResult]:
         raise SourceError("--features and --video need --model, the MLflow model that encodes them"
                           if args.model is None else "--model applies only to --features and --video (a --query is "
                           "already a stored code)")
+    check_query_files(args)
     store = open_code_store(args.codes, storage_options_from(args.storage_options))
     log.info("%s: %d codes of %d bits (dataset %r, split %r, model %r)", store.url, len(store), store.info.nbits,
              store.info.dataset, store.info.split, store.info.model)

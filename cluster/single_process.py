@@ -1,8 +1,10 @@
 """Single-process training of a dataset preset, on generated data or on a feature store loaded into memory,
 for one machine without Ray.
 
-On generated data it applies the reduced preset of ``cluster.cli`` (as the Ray entry does), unless
-``--full-preset``.
+It applies the reduced preset of ``cluster.cli`` (on generated data, as the Ray entry does, and also to a
+``--data`` store), unless ``--full-preset``; a key the user sets (``--config``, ``--set``, ``--bits``,
+``--epochs``) keeps the user's value, and the log names the preset values applied and the user's kept.
+Outputs go to ``--out`` all at once when the run succeeds (``cluster.results.staged_folder``).
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ import numpy as np
 import torch
 
 from autossvh.baselines import random_projection_codes
-from autossvh.engine import Retrieval, evaluate_codes, save_model
-from autossvh.trainer import RetrievalData, fit
-from cluster.cli import REDUCED_PRESET, add_config_arguments, config_from_args
-from cluster.preflight import check_training_inputs
-from cluster.results import write_result_files
+from autossvh.config import Config
+from autossvh.engine import NonFiniteLossError, Retrieval, evaluate_codes, save_model
+from autossvh.trainer import DivergenceError, FitResult, RetrievalData, fit
+from cluster.cli import REDUCED_PRESET, add_config_arguments, config_from_args, log_reduced_preset
+from cluster.preflight import check_device, check_output_folder, check_training_inputs
+from cluster.results import staged_folder, write_result_files
 from cluster.runtime import configure_logging
 from storage.schema import stored_split
-from storage.store import FeatureStore, open_store
+from storage.store import FeatureStore, check_apart, open_store
 from storage.synthetic import make_synthetic
 from storage.writer import storage_options_from
 
@@ -81,12 +84,17 @@ def run(dataset: str, args: argparse.Namespace) -> int:
     overrides = [] if args.full_preset else list(REDUCED_PRESET)
     store = None
     try:
+        check_device(args.device)
+        check_output_folder(args.out, "--out")
+        check_apart({"--out": args.out}, {"--data": args.data, "--config": args.config})
         if args.data:
             store = open_store(args.data, storage_options_from(args.storage_options))
             overrides += [f"data.feature_size={store.info.feature_dim}", f"data.max_frames={store.info.max_frames}"]
         else:
             overrides.append(f"data.feature_size={args.feature_dim}")
         cfg = config_from_args(dataset, args, overrides)
+        if not args.full_preset:
+            log_reduced_preset(args, "without --full-preset")
         if store is not None:
             check_training_inputs(cfg, store, world_size=1)
             log.info("loading %s (%s protocol) into memory", args.data, store.info.protocol)
@@ -100,21 +108,31 @@ def run(dataset: str, args: argparse.Namespace) -> int:
     log.info("training %s recipe, %d bits, %d epochs on %s", cfg.recipe, cfg.model.nbits, cfg.train.num_epochs,
              args.device)
     start = time.perf_counter()
-    result = fit(cfg, data, args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_model(args.out / "model.pt", result.model)
-    summary = {
-        "dataset": dataset, "recipe": cfg.recipe, "nbits": cfg.model.nbits, "epochs": cfg.train.num_epochs,
-        "map_at_k": {str(k): v for k, v in result.retrieval.map_at_k.items()},
-        "gmap_l2": result.retrieval.gmap_l2, "wall_seconds": time.perf_counter() - start,
-        "baseline_random_projection": {str(k): v for k, v in baseline.map_at_k.items()},
-    }
-    (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    try:
+        result = fit(cfg, data, args.device)
+    except (DivergenceError, NonFiniteLossError) as err:
+        log.error("training failed: %s", err)
+        return 1
     label = f"{dataset} (synthetic)" if store is None else store.label
     title = f"{label}, {cfg.model.nbits} bits, {cfg.recipe} recipe, epoch {cfg.train.num_epochs}"
-    paths = write_result_files(cfg, result.retrieval, result.history, args.out, title)
+    with staged_folder(args.out) as stage:
+        paths = write_outputs(stage, dataset, cfg, result, baseline, time.perf_counter() - start, title)
     print(result.retrieval.table(title))
     print(baseline.table("baseline: sign of a random projection of mean-pooled features"))
     figures = ", ".join(p.name for p in paths.values() if p.suffix == ".png")
     print(f"model.pt, metrics.json, the mAP tables and {figures} in {args.out}/")
     return 0
+
+
+def write_outputs(out: Path, dataset: str, cfg: Config, result: FitResult, baseline: Retrieval, wall: float,
+                  title: str) -> dict[str, Path]:
+    """model.pt, metrics.json and the result files of a finished run, written into ``out``; name → path."""
+    save_model(out / "model.pt", result.model)
+    summary = {
+        "dataset": dataset, "recipe": cfg.recipe, "nbits": cfg.model.nbits, "epochs": cfg.train.num_epochs,
+        "map_at_k": {str(k): v for k, v in result.retrieval.map_at_k.items()},
+        "gmap_l2": result.retrieval.gmap_l2, "wall_seconds": wall,
+        "baseline_random_projection": {str(k): v for k, v in baseline.map_at_k.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return write_result_files(cfg, result.retrieval, result.history, out, title)

@@ -11,6 +11,7 @@ maps frame features (N, T, F) float32 to packed uint8 codes (N, nbits / 8), so n
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
 import importlib.metadata
 import io
@@ -35,6 +36,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import mlflow  # noqa: E402
 import mlflow.pyfunc  # noqa: E402
 import numpy as np
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 import autossvh
@@ -51,6 +53,9 @@ REDACTED = "***"
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 CANDIDATE_ALIAS = "candidate"
 NOTE_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's or a logged model's description
+END_REASON_TAG = "autossvh.end_reason"  # why a run ended FAILED or KILLED (a trial stopped early, a stopped job)
+END_REASON_LENGTH = 500
+EPOCH_CLUSTER_METRIC = "kmeans_objective"  # the one clustering metric charted per epoch (epoch_metrics)
 REGISTERED_MODEL_DESCRIPTION = (
     "AutoSSVH video hashing model (CVPR 2025): frame features (N, T, F) float32 in, packed binary codes "
     "(N, nbits / 8) uint8 out. Each version's description and tags give its data, recipe, bits, selected epoch "
@@ -180,14 +185,78 @@ def continue_run(tracking_uri: str, run_id: str, timeout: float = 5.0) -> mlflow
 
 
 def create_run(tracking_uri: str, experiment: str, run_name: str, *, artifact_location: str | None = None,
-               parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+               parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+               params: Mapping[str, str] | None = None) -> str:
     """A new run, left RUNNING and not active in this process: the driver creates it, so that every attempt of
-    a Train run (Ray's retries) logs to the same run, and the driver can mark it FAILED."""
+    a Train run (Ray's retries) logs to the same run, and the driver can mark it FAILED. It records the user
+    (``mlflow.user``, as MLflow's own ``start_run`` does) and ``params``."""
     check_reachable(tracking_uri)
     client = MlflowClient(tracking_uri)
-    tags = {**(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
-    return client.create_run(_experiment_id(client, experiment, artifact_location), tags=tags,
-                             run_name=run_name).info.run_id
+    tags = {"mlflow.user": current_user(), **(tags or {}),
+            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    run_id = client.create_run(_experiment_id(client, experiment, artifact_location), tags=tags,
+                               run_name=run_name).info.run_id
+    if params:
+        client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
+    return run_id
+
+
+def current_user() -> str:
+    """The user a run records (the MLflow UI's "Created by"): the login name, else ``unknown``."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry for the uid (some containers)
+        return "unknown"
+
+
+def child_run(tracking_uri: str, experiment: str, run_name: str, parent_run_id: str, params: Mapping[str, str],
+              *, artifact_location: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+    """The child run of ``parent_run_id`` named ``run_name``: an earlier attempt's (a trial re-run after its job
+    was stopped) when one exists and logged no other ``params``, else a new one. A re-run thus never leaves two
+    children of one name; an earlier child with other params (the trial's settings changed) stays as it ended."""
+    for run in children(tracking_uri, parent_run_id, run_name):
+        if all(run.data.params.get(key, value) == value for key, value in params.items()):
+            return run.info.run_id
+    return create_run(tracking_uri, experiment, run_name, artifact_location=artifact_location,
+                      parent_run_id=parent_run_id, tags=tags)
+
+
+def children(tracking_uri: str, parent_run_id: str, run_name: str | None = None,
+             status: str | None = None) -> list[Any]:
+    """The child runs of ``parent_run_id`` (of that name, in that status, where given), the newest first."""
+    client = MlflowClient(tracking_uri)
+    clauses = [f"tags.mlflow.parentRunId = '{parent_run_id}'"]
+    if run_name is not None:
+        clauses.append(f"attributes.run_name = '{run_name}'")
+    if status is not None:
+        clauses.append(f"attributes.status = '{status}'")
+    return client.search_runs([client.get_run(parent_run_id).info.experiment_id], " and ".join(clauses),
+                              order_by=["attributes.start_time DESC"])
+
+
+def end_run(tracking_uri: str, run_id: str, status: str, reason: str | None = None) -> None:
+    """End run ``run_id`` as ``status`` (FINISHED, FAILED or KILLED), with ``reason`` in :data:`END_REASON_TAG`."""
+    client = MlflowClient(tracking_uri)
+    if reason is not None:
+        client.set_tag(run_id, END_REASON_TAG, reason[:END_REASON_LENGTH])
+    client.set_terminated(run_id, status)
+
+
+def end_open_children(tracking_uri: str, parent_run_id: str, status: str, reason: str) -> list[str]:
+    """End every child of ``parent_run_id`` still RUNNING as ``status`` with ``reason``; returns their names."""
+    running = children(tracking_uri, parent_run_id, status="RUNNING")
+    for run in running:
+        end_run(tracking_uri, run.info.run_id, status, reason)
+    return [run.info.run_name for run in running]
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Mark run ``run_id`` RUNNING again without its end reason: a parent whose remaining trials a re-run runs,
+    the child run a re-run trial continues."""
+    client = MlflowClient(tracking_uri)
+    client.update_run(run_id, status="RUNNING")
+    if END_REASON_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, END_REASON_TAG)
 
 
 def _experiment_id(client: MlflowClient, experiment: str, artifact_location: str | None) -> str:
@@ -257,19 +326,26 @@ def model_card(data_label: str, data_url: str, cfg: Config, retrieval: Retrieval
     return ModelCard(description, tags)
 
 
-def ui_hint(tracking_uri: str, run_id: str) -> str:
-    """How to look at a run: the command that serves a local store's UI and the run's page."""
-    experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
-    page = f"#/experiments/{experiment}/runs/{run_id}"
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow run: {redact_url(tracking_uri).rstrip('/')}/{page}"
+def ui_command(tracking_uri: str) -> str:
+    """The command that serves a local tracking store's UI on 127.0.0.1:5000 and stops on Ctrl-C: one uvicorn
+    worker and no job runner (MLflow's defaults, 4 workers and a job runner with its consumers, kept restarting
+    and served no page for minutes on a loaded 2-core machine)."""
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     try:
         mlflow_bin = mlflow_bin.relative_to(Path.cwd())
     except ValueError:
         pass
-    return (f"MLflow UI: {mlflow_bin} ui --backend-store-uri {tracking_uri} --port 5000\n"
-            f"then open http://127.0.0.1:5000/{page}")
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {mlflow_bin} ui --backend-store-uri {tracking_uri} "
+            "--port 5000 --workers 1")
+
+
+def ui_hint(tracking_uri: str, run_id: str) -> str:
+    """How to look at a run: the command that serves a local store's UI (:func:`ui_command`) and the run's page."""
+    experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow run: {redact_url(tracking_uri).rstrip('/')}/{page}"
+    return f"MLflow UI: {ui_command(tracking_uri)}\nthen open http://127.0.0.1:5000/{page}"
 
 
 def config_params(cfg: Config, extra_params: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -296,25 +372,44 @@ def epoch_step(epoch: int) -> int:
 def epoch_metrics(record: EpochRecord, num_cluster: Sequence[int] | None = None) -> dict[str, float]:
     """Metric name → value for one epoch, grouped by prefix so that the MLflow UI groups the charts:
     ``loss/`` (total and unweighted parts), ``map/`` (mAP@K and GMAP), ``train/``, ``time/`` (seconds),
-    ``cluster/`` (by granularity k, ``..._k{k}``, or ``..._{i}`` without ``num_cluster``: the k-means objective,
-    iterations and seconds, empty and merged clusters, distinct voted centres, warm start 1 or 0) and
-    ``sampler/`` (the sampler's diagnostics)."""
+    ``cluster/`` (the k-means objective by granularity k, ``kmeans_objective_k{k}``, or ``..._{i}`` without
+    ``num_cluster``) and ``sampler/`` (the sampler's diagnostics). The rest of a clustering round's report
+    (iterations, seconds, empty and merged clusters, distinct centres, warm start: mostly constant charts that
+    would come before loss and mAP in the UI) goes to the ``clustering_rounds.csv`` table at the end
+    (:func:`clustering_rounds_csv`)."""
     s = record.stats
     metrics = {
         "loss/total": s.loss, "loss/rec": s.rec, "loss/vc": s.vc, "loss/p2set": s.p2set,
         "train/lr": record.lr, "train/videos_per_s": s.videos_per_s, "train/skipped_steps": float(s.skipped_steps),
         "time/train_s": s.seconds, "time/cluster_s": record.cluster_seconds, "time/eval_s": record.eval_seconds,
     }
-    per_granularity = {} if record.clustering is None else record.clustering.metrics()
-    for name, values in per_granularity.items():
-        for i, value in enumerate(values):
-            suffix = f"k{num_cluster[i]}" if num_cluster and i < len(num_cluster) else str(i)
-            metrics[f"cluster/{name}_{suffix}"] = value
+    objectives = [] if record.clustering is None else record.clustering.metrics()[EPOCH_CLUSTER_METRIC]
+    for i, value in enumerate(objectives):
+        metrics[f"cluster/{EPOCH_CLUSTER_METRIC}_{_granularity(i, num_cluster)}"] = value
     if record.sampler is not None:
         metrics.update(record.sampler.metrics())
     if record.retrieval is not None:
         metrics.update(retrieval_metrics(record.retrieval))
     return {key: float(value) for key, value in metrics.items()}
+
+
+def _granularity(index: int, num_cluster: Sequence[int] | None) -> str:
+    """``k{k}`` of the ``index``-th granularity, or the index without ``num_cluster``."""
+    return f"k{num_cluster[index]}" if num_cluster and index < len(num_cluster) else str(index)
+
+
+def clustering_rounds_csv(history: Sequence[EpochRecord], num_cluster: Sequence[int] | None = None) -> str:
+    """Every clustering round's report as a table: one row per epoch (counted from 1) and granularity."""
+    rows = [(record.epoch, record.clustering.metrics()) for record in history if record.clustering is not None]
+    if not rows:
+        return ""
+    names = list(rows[0][1])
+    lines = [",".join(["epoch", "granularity", *names])]
+    for epoch, report in rows:
+        for i in range(len(report[names[0]])):
+            values = [f"{report[name][i]:g}" for name in names]
+            lines.append(",".join([str(epoch_step(epoch)), _granularity(i, num_cluster), *values]))
+    return "\n".join(lines) + "\n"
 
 
 def retrieval_metrics(retrieval: Retrieval) -> dict[str, float]:
@@ -329,8 +424,13 @@ def log_epoch(record: EpochRecord, num_cluster: Sequence[int] | None = None) -> 
 
 def log_final_artifacts(cfg: Config, retrieval: Retrieval, history: Sequence[EpochRecord],
                         out_dir: str | Path, title: str) -> dict[str, Path]:
-    """Write the result files (:func:`cluster.results.write_result_files`) and log them to the active run."""
+    """Write the result files (:func:`cluster.results.write_result_files`) and the clustering rounds' table
+    (``clustering_rounds.csv``) and log them to the active run."""
     paths = write_result_files(cfg, retrieval, history, out_dir, title)
+    rounds = clustering_rounds_csv(history, cfg.cluster.num_cluster)
+    if rounds:
+        paths["clustering_rounds"] = Path(out_dir) / "clustering_rounds.csv"
+        paths["clustering_rounds"].write_text(rounds)
     for path in paths.values():
         mlflow.log_artifact(str(path))
     return paths

@@ -34,11 +34,24 @@ from autossvh.engine import Retrieval
 from autossvh.model import AutoSSVH
 from autossvh.trainer import EpochRecord
 from cluster.checkpoint import CHECKPOINT_FILE, TrainState, check_resume_compatible, latest_checkpoint_file
-from cluster.cli import REDUCED_PRESET, add_config_arguments, add_verbose_argument, config_from_args
-from cluster.preflight import check_destinations, check_store_shape, check_training_inputs, requested_data_shape
+from cluster.cli import (
+    REDUCED_PRESET,
+    add_config_arguments,
+    add_verbose_argument,
+    config_from_args,
+    log_reduced_preset,
+)
+from cluster.preflight import (
+    check_destinations,
+    check_resumed_run,
+    check_run_options,
+    check_store_shape,
+    check_training_inputs,
+    requested_data_shape,
+)
 from cluster.runtime import absolute_path, configure_logging, init_ray, mlflow_locations
 from cluster.worker import SELECTIONS, WorkerConfig, train_loop_per_worker
-from storage.store import FeatureStore, open_store
+from storage.store import FeatureStore, check_apart, open_store
 from storage.synthetic_store import write_synthetic
 from storage.writer import storage_options_from
 
@@ -59,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default="runs/ray", help="checkpoint storage path or URL (RunConfig)")
     parser.add_argument("--name", help="run name; re-running the same name resumes it "
                         "(default: <dataset>-<bits>bits-<recipe>)")
-    parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
+    parser.add_argument("--max-failures", type=int, default=1,
+                        help="worker-group restarts from the last checkpoint (-1: without limit)")
     parser.add_argument("--selection", choices=SELECTIONS, default="last",
                         help="model to evaluate and log at the end: the last epoch's or the best mAP@5 evaluated")
     parser.add_argument("--mlflow-uri", default="sqlite:///runs/mlflow.db", help="MLflow tracking URI")
@@ -89,7 +103,9 @@ def synthetic_store(dataset: str) -> str:
 def resolve_data(dataset: str, args: argparse.Namespace) -> tuple[str, dict[str, Any], list[str], FeatureStore]:
     """The data URL (a generated store without --data), its storage options, the overrides it implies (its
     frames and feature size; the reduced preset on generated data) and the opened store, checked against
-    the T and F the options ask for."""
+    the T and F the options ask for; the run's outputs are kept apart from its inputs."""
+    check_apart({"--storage": args.storage, "--summary-json": args.summary_json,
+                 "--mlflow-artifacts": args.mlflow_artifacts}, {"--data": args.data, "--config": args.config})
     options = storage_options_from(args.storage_options)
     overrides: list[str] = []
     if args.data:
@@ -97,6 +113,7 @@ def resolve_data(dataset: str, args: argparse.Namespace) -> tuple[str, dict[str,
     else:
         url = synthetic_store(dataset)
         overrides += REDUCED_PRESET
+        log_reduced_preset(args, "generated data, no --data")
     store = open_store(url, options)
     check_store_shape(requested_data_shape(args), store.info, url)
     overrides += [f"data.feature_size={store.info.feature_dim}", f"data.max_frames={store.info.max_frames}"]
@@ -171,18 +188,19 @@ def read_final_checkpoint(checkpoint: Any, cfg: Config) -> FinishedRun:
 
 def fit_trial(cfg: Config, args: argparse.Namespace, data: dict[str, Any], name: str, callbacks: list[Any],
               title: str) -> FinishedRun:
-    """One Tune trial's Train run (a sweep's or an ablation's): its MLflow run, a child of ``data["parent_run_id"]``
-    created here (or the checkpoint's when the trial resumes) and marked FAILED if the fit fails; the fit; the
-    result files. ``data``: the store URL, options, label and job script under "url", "options", "label" and
-    "script"."""
+    """One Tune trial's Train run (a sweep's or an ablation's): its MLflow run, the checkpoint's when the trial
+    resumes, else the child of ``data["parent_run_id"]`` of that name (an earlier attempt's, or one created here),
+    marked FAILED if the fit fails; the fit; the result files. ``data``: the store URL, options, label and job
+    script under "url", "options", "label" and "script"."""
     import ray
 
     from cluster import tracking
 
     mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
-    run_id = check_resume_compatible(args.storage, name, cfg) or tracking.create_run(
-        mlflow_uri, args.experiment, name, artifact_location=artifacts, parent_run_id=data["parent_run_id"],
-        tags=tracking.run_tags(data["script"], data["label"], cfg))
+    run_id = check_resume_compatible(args.storage, name, cfg) or tracking.child_run(
+        mlflow_uri, args.experiment, name, data["parent_run_id"], tracking.config_params(cfg),
+        artifact_location=artifacts, tags=tracking.run_tags(data["script"], data["label"], cfg))
+    tracking.reopen_run(mlflow_uri, run_id)  # an earlier attempt's run, ended KILLED with a reason, runs again
     actor = start_actor(cfg, args, name)
     try:
         trainer = make_trainer(cfg, data["url"], data["options"], args, name, actor, run_id, callbacks=callbacks)
@@ -251,12 +269,15 @@ def prepare_run(dataset: str, args: argparse.Namespace) -> PreparedRun:
     """Every check of inputs and destinations (raises ValueError or TrackingError naming the problem)."""
     from cluster import tracking
 
+    check_run_options(args)
     cfg, url, options, store = resolve_run(dataset, args)
     name = args.name or f"{dataset}{'-synthetic' if store.is_synthetic else ''}-{cfg.model.nbits}bits-{cfg.recipe}"
     mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
     check_destinations(args.storage, name, mlflow_uri, artifacts)
     tracking.check_reachable(mlflow_uri)
     resumed = check_resume_compatible(args.storage, name, cfg)
+    if resumed is not None:
+        check_resumed_run(mlflow_uri, resumed, name, args.storage)
     return PreparedRun(cfg, url, options, store.label, name, mlflow_uri, artifacts, resumed)
 
 
@@ -278,17 +299,28 @@ def run(dataset: str, args: argparse.Namespace) -> int:
     except (ValueError, tracking.TrackingError) as err:  # bad config, store, option, name, checkpoint; MLflow down
         log.error("%s", err)
         return 2
+    cfg = prepared.cfg
+    log.info("training %s, %s recipe, %d bits, %d epochs, on %d worker(s); run %r in %s", prepared.label, cfg.recipe,
+             cfg.model.nbits, cfg.train.num_epochs, args.workers, prepared.name, args.storage)
+    run_id = prepared.resumed_mlflow_run or tracking.create_run(
+        prepared.mlflow_uri, args.experiment, prepared.name, artifact_location=prepared.artifacts,
+        tags=tracking.run_tags(sys.argv[0], prepared.label, cfg))
+    try:
+        return fit_and_log(dataset, args, prepared, run_id)
+    except Exception:  # whatever fails after the MLflow run exists leaves it FAILED, not RUNNING
+        tracking.mark_failed(prepared.mlflow_uri, run_id)
+        raise
+
+
+def fit_and_log(dataset: str, args: argparse.Namespace, prepared: PreparedRun, run_id: str) -> int:
+    """Start Ray, fit the run that logs to MLflow run ``run_id``, log and register its model; the exit code."""
     import ray
     from ray.train import TrainingFailedError
 
+    from cluster import tracking
     from cluster.console import fit_showing_progress, new_console_queue
 
     cfg, name, mlflow_uri = prepared.cfg, prepared.name, prepared.mlflow_uri
-    log.info("training %s, %s recipe, %d bits, %d epochs, on %d worker(s); run %r in %s", prepared.label, cfg.recipe,
-             cfg.model.nbits, cfg.train.num_epochs, args.workers, name, args.storage)
-    run_id = prepared.resumed_mlflow_run or tracking.create_run(
-        mlflow_uri, args.experiment, name, artifact_location=prepared.artifacts,
-        tags=tracking.run_tags(sys.argv[0], prepared.label, cfg))
     init_ray(int(args.workers * args.cpus_per_worker) + 1, args.num_cpus, args.verbose)
     actor, console = start_actor(cfg, args, name), new_console_queue()
     trainer = make_trainer(cfg, prepared.url, prepared.options, args, name, actor, run_id, console=console)

@@ -21,12 +21,15 @@ Validation, never the test queries: trials train and are scored on a store carve
 training set and the database), stored under ``<--storage>/validation/``. The test split is not read by a sweep.
 
 Resources: each trial runs ``--workers`` Train workers of ``--cpus-per-worker`` CPUs and ``--gpus-per-worker``
-GPUs (default: 1 when the cluster has GPUs, else 0), plus a 1-CPU trial driver. ``--max-concurrent`` defaults to
-as many trials as the cluster's GPUs (or CPUs) hold.
+GPUs (default: 1 when the cluster has GPUs, else 0), plus its Tune function (``cluster.runtime.TRIAL_DRIVER_CPUS``).
+``--max-concurrent`` defaults to as many trials as the cluster's GPUs (or CPUs) hold; more than the local Ray
+holds is refused before Ray starts (``cluster.runtime.trials_at_once``).
 
 MLflow: one parent run for the sweep (its config, search space and the best trial's scores) with one child run
 per trial (params, per-epoch metrics, result files). The best finished trial's selected model is logged to its
 child run and registered under ``--register`` (default ``autossvh-<dataset>-sweep``) with alias ``candidate``.
+Every run ends FINISHED, FAILED or KILLED (a trial ASHA stops, with the reason; the parent when the job is
+stopped) and the console has a line per trial: :mod:`cluster.trials`.
 """
 
 from __future__ import annotations
@@ -40,8 +43,17 @@ from typing import Any
 
 from autossvh.config import Config, config_from_dict, set_value
 from cluster import tracking
-from cluster.preflight import check_destinations, check_training_inputs
-from cluster.runtime import absolute_path, configure_logging, init_ray, mlflow_locations, trial_resources
+from cluster.preflight import check_count, check_destinations, check_training_inputs
+from cluster.runtime import (
+    TRIAL_DRIVER_CPUS,
+    absolute_path,
+    configure_logging,
+    init_ray,
+    local_resources,
+    mlflow_locations,
+    trial_resources,
+    trials_at_once,
+)
 from cluster.train import add_arguments as add_train_arguments
 from cluster.train import (
     fit_trial,
@@ -98,23 +110,30 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
 
 
 def sweep_tuner(cfg: Config, sweep: dict[str, Any], args: argparse.Namespace, concurrent: int) -> Any:
-    """The Tuner of a sweep: Optuna's TPE (seeded) proposes, ASHA stops weak trials on the validation mAP@5."""
+    """The Tuner of a sweep: Optuna's TPE (seeded) proposes, ASHA stops weak trials on the validation mAP@5; a
+    line per trial and the trials' MLflow runs ended as they end (:class:`cluster.trials.TrialTrail`)."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from cluster.trials import TrialTrail, tune_run_options
+
     epochs = cfg.train.num_epochs
+    grace = min(args.grace_period, epochs)
+    trail = TrialTrail(args.mlflow_uri, sweep["parent_run_id"], args.trials,
+                       lambda trial: f"{sweep['name']}-{trial.trial_id}", epochs,
+                       stopper=f"ASHA on the validation {METRIC} (grace period {grace} epochs, reduction factor 2)")
     return tune.Tuner(
-        tune.with_parameters(_trial, sweep=sweep),
+        tune.with_resources(tune.with_parameters(_trial, sweep=sweep), {"CPU": TRIAL_DRIVER_CPUS}),
         param_space=search_space(cfg.recipe),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", num_samples=args.trials, max_concurrent_trials=concurrent,
             search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=args.seed)),
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
-                                    reduction_factor=2),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=grace, reduction_factor=2),
         ),
-        run_config=tune.RunConfig(storage_path=args.storage, name=sweep["name"]),
+        run_config=tune.RunConfig(storage_path=args.storage, name=sweep["name"], callbacks=[trail],
+                                  **tune_run_options(args.verbose)),
     )
 
 
@@ -136,6 +155,11 @@ def register_best(best: Any, best_cfg: Config, best_params: dict[str, Any], args
     return done, model_uri
 
 
+def min_cpus(args: argparse.Namespace) -> int:
+    """The CPUs a local Ray needs for one trial: its Train workers, its Tune function and one to spare."""
+    return int(args.workers * args.cpus_per_worker) + 2
+
+
 def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     """The sweep per ``args`` (see :func:`add_arguments`); returns the exit code."""
     import ray
@@ -143,6 +167,10 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     name = args.name or f"{dataset}-sweep"
     try:
+        check_count(args.max_concurrent, "--max-concurrent", 1)
+        local = local_resources(min_cpus(args), args.num_cpus)
+        if local is not None:  # the local Ray's resources are known before it starts
+            trials_at_once(args, local, args.trials)
         args.overrides = [*args.overrides, "train.eval_every=1"]  # ASHA reads the validation mAP every epoch
         cfg, url, options, source = resolve_run(dataset, args)
         label = source.label
@@ -156,24 +184,42 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     except (ValueError, tracking.TrackingError) as err:
         log.error("%s", err)
         return 2
-    init_ray(int(args.workers * args.cpus_per_worker) + 2, args.num_cpus, args.verbose)
-    args.gpus_per_worker, fits = trial_resources(args, ray.cluster_resources())
-    concurrent = args.max_concurrent or min(fits, args.trials)
-    with tracking.start_run(mlflow_uri, args.experiment, run_name=name, artifact_location=artifacts) as parent:
-        tracking.log_config(cfg, {"data": url, "validation_data": val_url, "storage_options": options,
-                                  "trials": args.trials, "max_concurrent": concurrent, "sweep": True})
-        parent_run_id = parent.info.run_id
+    from cluster.trials import JobStopped, stopping_ends_runs
+
+    init_ray(min_cpus(args), args.num_cpus, args.verbose)
+    args.gpus_per_worker, _ = trial_resources(args, ray.cluster_resources())
+    concurrent = trials_at_once(args, ray.cluster_resources(), args.trials)
+    parent_run_id = tracking.create_run(
+        mlflow_uri, args.experiment, name, artifact_location=artifacts, tags=tracking.run_tags(sys.argv[0], label, cfg),
+        params=tracking.config_params(cfg, {"data": url, "validation_data": val_url, "storage_options": options,
+                                            "trials": args.trials, "max_concurrent": concurrent, "sweep": True}))
     # Trials run in their own working folders: every path they get is absolute.
     args.storage, args.mlflow_uri, args.mlflow_artifacts = storage, mlflow_uri, artifacts
     trial_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     sweep = {"config": cfg.to_dict(), "args": trial_args, "url": val_url, "options": options, "name": name,
              "label": label, "script": sys.argv[0], "parent_run_id": parent_run_id}
-    log.info("sweep %r: %d trials, %d at a time, %d worker(s) x %.3g GPU each, validation store %s", name,
-             args.trials, concurrent, args.workers, args.gpus_per_worker, val_url)
-    grid = sweep_tuner(cfg, sweep, args, concurrent).fit()
+    log.info("sweep %r: %d trials, %d at a time, %d worker(s) x %.3g GPU each, validation store %s; Ray's own "
+             "output is in its session logs%s", name, args.trials, concurrent, args.workers, args.gpus_per_worker,
+             val_url, "" if args.verbose else " (--verbose shows it)")
+    try:
+        with stopping_ends_runs(mlflow_uri, parent_run_id):
+            return finish_sweep(sweep_tuner(cfg, sweep, args, concurrent).fit(), cfg, args, dataset, sweep, concurrent)
+    except JobStopped as stopped:
+        log.error("stopped by %s: the MLflow parent run and the trials that were running are marked KILLED",
+                  stopped)
+        return 128 + stopped.signum
+
+
+def finish_sweep(grid: Any, cfg: Config, args: argparse.Namespace, dataset: str, sweep: dict[str, Any],
+                 concurrent: int) -> int:
+    """Register the best finished trial of ``grid``, print and write the summary, and end the parent run (FAILED
+    when no trial finished); returns the exit code."""
+    name, parent_run_id, val_url, label = sweep["name"], sweep["parent_run_id"], sweep["url"], sweep["label"]
+    storage, mlflow_uri = args.storage, args.mlflow_uri
     finished = [r for r in grid if r.error is None and r.metrics and r.metrics.get("selected_epoch") is not None]
     if not finished:
         log.error("no trial finished (%d errored); see the trial logs under %s/%s", grid.num_errors, storage, name)
+        tracking.end_run(mlflow_uri, parent_run_id, "FAILED", f"no trial finished ({grid.num_errors} errored)")
         return 1
     best = max(finished, key=lambda r: r.metrics[METRIC])
     best_params = {k: best.config[k] for k in search_space(cfg.recipe)}
@@ -181,7 +227,7 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
                                     f"autossvh-{dataset}-sweep", parent_run_id, label, val_url)
     print(done.retrieval.table(f"sweep {name}: best of {len(finished)} finished trials (validation queries)"))
     print(f"best params: {json.dumps(best_params)}")
-    print(f"model: {model_uri}\nMLflow parent run {parent_run_id}: mlflow ui --backend-store-uri {mlflow_uri}")
+    print(f"model: {model_uri}\nMLflow parent run {parent_run_id}\n{tracking.ui_hint(mlflow_uri, parent_run_id)}")
     if args.summary_json is not None:
         summary = {"dataset": dataset, "trials": args.trials, "finished": len(finished), "errored": grid.num_errors,
                    "max_concurrent": concurrent, "best_params": best_params,

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from autossvh.anchors import input_centers, pooled_inputs
 from autossvh.clustering import ClusteringResult
 from autossvh.config import config_from_dict
 from autossvh.diagnostics import PROBE_VIDEOS, SamplerDiagnostics, sampler_diagnostics
@@ -47,6 +48,7 @@ from autossvh.engine import (
 )
 from autossvh.losses import ClusterTargets
 from autossvh.model import AutoSSVH, leaves_parameters_unused
+from autossvh.salience import bank_rows
 from autossvh.trainer import EpochRecord, epoch_line, run_epoch
 from cluster.checkpoint import CHECKPOINT_FILE, FinalEvaluation, TrainState, report_checkpoint
 from cluster.console import WorkerConsole
@@ -190,6 +192,11 @@ class TrainWorker:
         torch.manual_seed(cfg.train.seed + self.rank)
         np.random.seed(cfg.train.seed + self.rank)
         self.model = AutoSSVH(cfg).to(self.device)
+        store = open_store(self.wc.data, self.wc.storage_options)
+        if self.model.salience is not None:  # the same bank on every rank; a resumed run loads it with the weights
+            rows = bank_rows(store.num_videos("train"), cfg.salience.bank_videos, cfg.train.seed,
+                             store.info.chunk_videos)
+            self.model.salience.fit(store.split("train").feats.get_orthogonal_selection((rows,)), cfg.train.seed)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
@@ -200,7 +207,6 @@ class TrainWorker:
                 self._resume(TrainState.load(Path(folder) / CHECKPOINT_FILE, checkpoint.path, self.device))
         self.ddp = ray.train.torch.prepare_model(
             self.model, parallel_strategy_kwargs={"find_unused_parameters": leaves_parameters_unused(cfg)})
-        store = open_store(self.wc.data, self.wc.storage_options)
         self.protocol, self.num_train = store.info.protocol, store.num_videos("train")
         self.reader = TrainReader(self.wc.data, "train", per_rank_batch_size(cfg.train.batch_size, self.world),
                                   self.rank, self.world, cfg.train.seed, self.wc.storage_options, drop_last=True)
@@ -307,6 +313,10 @@ class TrainWorker:
         return self.optimizer.param_groups[0]["lr"]
 
     def cluster(self, epoch: int) -> ClusteringResult:
+        if self.cfg.loss.centers == "input":
+            if self.last_result is None:
+                self.last_result = self._input_centers()
+            return self.last_result
         encoded, first = self._encode_block(self.model, "train")
         indices = np.arange(first, first + len(encoded.codes), dtype=np.int64)
         previous = self.last_result if self.rank == 0 else None
@@ -314,6 +324,16 @@ class TrainWorker:
                                             encoded, self.console, previous, self.actor_has_previous)
         self.actor_has_previous = True
         return self.last_result
+
+    def _input_centers(self) -> ClusteringResult:
+        """The fixed centres of ``loss.centers=input`` (:mod:`autossvh.anchors`): every rank pools its block of the
+        train split, rank 0 clusters them all and hands the result to every rank."""
+        reader = EvalReader(self.wc.data, "train", self.encode_batch, self.rank, self.world, self.wc.storage_options,
+                            dtype=None)
+        pooled = gather_rows_to_rank0(pooled_inputs(self.model, make_loader(reader, self.wc.loader_workers),
+                                                    self.device))
+        result = None if pooled is None else input_centers(pooled, self.cfg, use_gpu=self.device.type == "cuda")
+        return broadcast_from_rank0(result)
 
     def train_epoch(self, epoch: int, targets: ClusterTargets | None) -> EpochStats:
         self.reader.set_epoch(epoch)

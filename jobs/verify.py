@@ -1,10 +1,12 @@
-"""Read every chunk of a feature store and list damaged, missing and non-finite videos by id.
+"""Read every chunk of a feature store and list damaged, missing and non-finite videos, bad labels and repeated
+ids by id.
 
     python jobs/verify.py /data/stores/fcvid
     python jobs/verify.py s3://bucket/ucf101 --storage-option anon=false --json runs/verify-ucf101.json
 
 Exit status 0 when every chunk reads back intact and finite, 1 when problems were found (each listed with its
-file, rows and video ids), 2 when there is no readable store at the URL.
+file, rows and video ids), 2 when there is no readable store at the URL (its metadata or an array missing or
+damaged, named).
 """
 
 import sys

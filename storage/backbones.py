@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from storage.store import not_a_regular_file
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MISSING_OPERATORS = ("nms", "qnms")  # registered by torchvision's import, defined by its C++ extension
@@ -148,18 +150,38 @@ class ExtractorSettings:
 
 def torchvision_module() -> ModuleType:
     """``torchvision``, imported also beside a CPU torch whose build its C++ extension does not match (module
-    docstring): the operator schemas its import registers against are declared when the extension failed."""
+    docstring): the operator schemas its import registers against are declared when the extension failed. Where
+    it cannot be imported even so, a :class:`BackboneError` says so in one line."""
     try:
         import torchvision
     except RuntimeError as err:
         if "torchvision::" not in str(err):
-            raise
+            raise _torchvision_error(err) from None
         library = torch.library.Library("torchvision", "FRAGMENT")
         for name in _MISSING_OPERATORS:
             library.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         _schemas.append(library)
-        import torchvision
+        try:
+            import torchvision
+        except (ImportError, RuntimeError, OSError) as again:
+            raise _torchvision_error(again) from None
+    except (ImportError, OSError) as err:
+        raise _torchvision_error(err) from None
     return torchvision
+
+
+def _torchvision_error(err: BaseException) -> BackboneError:
+    """One line: which torchvision failed to import beside which torch, why, and where the README says what to do."""
+    import importlib.metadata
+
+    try:
+        installed = f"torchvision {importlib.metadata.version('torchvision')}"
+    except importlib.metadata.PackageNotFoundError:
+        installed = "torchvision (not installed)"
+    reason = (str(err).strip().splitlines() or [""])[-1][:200]
+    return BackboneError(f"{installed} cannot be imported beside torch {torch.__version__} ({type(err).__name__}: "
+                         f"{reason}); README.md, \"torchvision in the project's environment\", says how to get "
+                         "one that works")
 
 
 def weights_enum(spec: BackboneSpec) -> Any:
@@ -173,15 +195,17 @@ def cached_weights_file(spec: BackboneSpec) -> Path:
 
 
 def resolve_weights(settings: ExtractorSettings) -> None:
-    """Make sure the weights of ``settings`` can be loaded, before any work starts: a given file exists; the
-    torchvision file is in the cache or is downloaded now; otherwise a :class:`BackboneError` names the file."""
+    """Make sure the weights of ``settings`` can be loaded, before any work starts: torchvision imports; a given
+    file exists; the torchvision file is in the cache or is downloaded now; otherwise a :class:`BackboneError`
+    names the file."""
     settings.check()
+    torchvision_module()
     if settings.random_seed is not None:
         return
     if settings.weights is not None:
-        fs, path = fsspec.core.url_to_fs(settings.weights)
-        if not fs.isfile(path):
-            raise BackboneError(f"--weights {settings.weights}: no such file")
+        problem = not_a_regular_file(settings.weights)
+        if problem:
+            raise BackboneError(f"--weights {settings.weights}: {problem}")
         return
     spec = settings.spec
     target = cached_weights_file(spec)

@@ -33,6 +33,7 @@ from storage.store import (
     IncompleteStoreError,
     StoreError,
     StrictStore,
+    check_replaceable,
     checksummed,
     has_chunk_checksums,
     read_failure,
@@ -105,7 +106,7 @@ def create_code_store(
     ``num_classes``) labels when given) and return its writer.
 
     An incomplete code store already at ``url`` (a writer that never finished) is replaced. A complete code
-    store, or anything else, is replaced only with ``overwrite``."""
+    store is replaced only with ``overwrite``, and nothing else ever is."""
     if isinstance(nbits, bool) or nbits < 8 or nbits % 8:
         raise ValueError(f"nbits must be a positive multiple of 8, got {nbits}")
     for name, value in (("num_videos", num_videos), ("chunk_rows", chunk_rows)):
@@ -115,6 +116,8 @@ def create_code_store(
         raise ValueError(f"num_classes must be >= 1 or None (no labels), got {num_classes}")
     info = CodeStoreInfo(nbits=nbits, count=num_videos, dataset=dataset, split=split, source=source, model=model,
                          num_classes=num_classes, chunk_rows=chunk_rows)
+    if overwrite:
+        check_replaceable(url, storage_options, CODE_ATTRIBUTE)
     replace = overwrite or _holds_incomplete_code_store(url, storage_options)
     try:
         group = zarr.open_group(store=zarr_store(url, storage_options), mode="w" if replace else "w-",

@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,20 +52,23 @@ import torch
 import zarr
 
 from storage.backbones import ExtractorSettings, FrameEncoder, encode_frames, resolve_weights
-from storage.schema import Protocol, stored_splits
+from storage.schema import Protocol, stored_split, stored_splits
 from storage.store import (
     ATTRIBUTE,
     FINITE_RECORD,
     StoreError,
+    check_replaceable,
     checksummed,
     create_store,
+    is_aborted_creation,
     is_local,
     mark_complete,
     nonfinite_rows,
+    not_a_regular_file,
     open_store,
     url_filesystem,
 )
-from storage.video import FRAME_RULE, VIDEO_SUFFIXES, VideoError, decode_video
+from storage.video import DECODE_TIMEOUT_S, FRAME_RULE, VIDEO_SUFFIXES, VideoError, decode_video
 from storage.writer import SourceError, _differences, store_info
 
 log = logging.getLogger(__name__)
@@ -96,21 +100,38 @@ def list_videos(url: str, storage_options: dict[str, Any] | None = None) -> List
         path = str(Path(path).resolve())
     if fsspec.core.has_magic(path):
         found = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"}
-        root = path[:min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        root = glob_root(path)
     elif fs.isdir(path):
         found = {p: info for p, info in fs.find(path, detail=True).items()
                  if p.lower().endswith(VIDEO_SUFFIXES)}
         root = path
-    elif fs.isfile(path):
+    elif fs.exists(path):
         found, root = {path: fs.info(path)}, path.rsplit("/", 1)[0]
     else:
         raise SourceError(f"--videos {url}: no such file, folder or matching files")
     if not found:
         raise SourceError(f"--videos {url}: no video files there (looked for {', '.join(VIDEO_SUFFIXES)})")
     ids = sorted(found)
+    refused = [(p, not_a_regular_file(p) if local else None if found[p].get("type") == "file" else
+                f"of type {found[p].get('type')!r}, not a regular file") for p in ids]
+    refused = [(p, problem) for p, problem in refused if problem]
+    if refused:
+        shown = "; ".join(f"{p}: {problem}" for p, problem in refused[:5])
+        more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+        raise SourceError(f"--videos {url}: {len(refused)} listed entr{'y is' if len(refused) == 1 else 'ies are'} "
+                          f"not a regular file ({shown}{more}); only regular files are decoded (a FIFO or device "
+                          "would block forever): remove them or list the videos without them")
     prefix = "" if local else fs.unstrip_protocol("").split("://")[0] + "://"
     return Listing([_full(prefix, p) for p in ids], [int(found[p].get("size") or 0) for p in ids],
                    _full(prefix, root))
+
+
+def glob_root(url: str) -> str:
+    """The folder a glob searches (its path up to the folder of the first wildcard); ``url`` itself when it has
+    none: the input that ``--videos`` reads."""
+    if not fsspec.core.has_magic(url):
+        return url
+    return url[:min(url.find(c) for c in "*?[" if c in url)].rsplit("/", 1)[0]
 
 
 def _full(prefix: str, path: str) -> str:
@@ -127,6 +148,9 @@ class LabelFile:
 
     @classmethod
     def read(cls, path: str) -> LabelFile:
+        problem = not_a_regular_file(path) if is_local(path) else None
+        if problem:
+            raise SourceError(f"--labels {path}: {problem}")
         try:
             with fsspec.open(path, "rt", newline="") as f:
                 reader = csv.DictReader(f)
@@ -213,6 +237,11 @@ class SplitWriter:
         if split not in stored_splits(protocol):
             raise SourceError(f"--split {split}: protocol {protocol} stores the splits "
                               f"{', '.join(stored_splits(protocol))} ({split} is another split's alias there)")
+        roles = evaluated_roles(protocol, split)
+        if labels is None and roles:
+            raise SourceError(f"--split {split}: under protocol {protocol} this split is the {' and '.join(roles)} "
+                              "that evaluation scores, so it needs --labels (a CSV with the columns path,classes); "
+                              "nothing was written")
         spec = settings.spec
         info = store_info(dataset, protocol, settings.frames, spec.feature_dim,
                           len(labels.classes) if labels else 1, dtype, {s: 1 for s in stored_splits(protocol)},
@@ -221,9 +250,12 @@ class SplitWriter:
                   "classes": labels.classes if labels else None, "chunk_videos": info.chunk_videos,
                   "shard_videos": info.shard_videos}
         multi_hot = labels.multi_hot(listing) if labels else None
+        if overwrite:
+            check_replaceable(url, storage_options, STATE_ATTR)
         group = None if overwrite else _open_existing(url, storage_options)
         if group is None:
-            group = create_store(url, info, storage_options, overwrite=overwrite or _exists(url, storage_options))
+            group = create_store(url, info, storage_options,
+                                 overwrite=overwrite or is_aborted_creation(url, storage_options))
             for name in stored_splits(protocol):
                 group[name].create_array("source_frames", shape=(1,), dtype="int32", chunks=(info.shard_videos,),
                                          fill_value=0, **checksummed())
@@ -280,6 +312,11 @@ class SplitWriter:
         if not all(splits.get(s, {}).get("finished") for s in stored_splits(protocol)):
             return False
         labelled = {s: splits[s]["labelled"] for s in stored_splits(protocol)}
+        unlabelled = [s for s, done in labelled.items() if not done and evaluated_roles(protocol, s)]
+        if unlabelled:
+            raise SourceError(f"{self.url}: split {unlabelled[0]!r} was extracted without labels, but evaluation "
+                              f"scores it; the store stays incomplete: re-run that split with --labels and "
+                              "--overwrite")
         mark_complete(self.group, {
             "kind": "videos", "dataset": self.info["dataset"], "extraction": self.state["params"]["extraction"],
             "frame_rule": FRAME_RULE, "classes": self.state["params"]["classes"], "labelled": labelled,
@@ -311,6 +348,12 @@ class SplitWriter:
         self.group.attrs[STATE_ATTR] = self.state
 
 
+def evaluated_roles(protocol: Protocol, split: str) -> list[str]:
+    """The roles (query, database) that stored split ``split`` plays in evaluation under ``protocol``: a split
+    with any of them must be labelled."""
+    return [role for role in ("query", "database") if stored_split(protocol, role) == split]
+
+
 def _open_existing(url: str, storage_options: dict[str, Any] | None) -> zarr.Group | None:
     """The group of an extracted store at ``url`` (complete or not), None where there is none; another kind of
     store there is refused."""
@@ -322,12 +365,6 @@ def _open_existing(url: str, storage_options: dict[str, Any] | None) -> zarr.Gro
         raise StoreError(f"{url}: a feature store that was not extracted from videos is there; choose another --out "
                          "or pass --overwrite to replace it")
     return store.group
-
-
-def _exists(url: str, storage_options: dict[str, Any] | None) -> bool:
-    """Whether ``url`` holds an unusable leftover (a store whose creation was interrupted) to replace."""
-    fs, path = url_filesystem(url, storage_options)
-    return fs.exists(f"{path.rstrip('/')}/zarr.json")
 
 
 def _resize(arrays: zarr.Group, rows: int) -> None:
@@ -351,9 +388,34 @@ def open_video(video: str, storage_options: dict[str, Any] | None = None) -> Any
 
 
 def decode_one(video: str, settings: ExtractorSettings, storage_options: dict[str, Any] | None = None,
-               threads: int = 1) -> tuple[np.ndarray, int]:
+               threads: int = 1, timeout: float = DECODE_TIMEOUT_S) -> tuple[np.ndarray, int]:
     """The T frames (T, S, S, 3) uint8 and the decodable frame count of one video; :class:`VideoError` when it
-    cannot be read or decoded."""
+    cannot be read or decoded, is not a regular file (a local FIFO, socket, device or folder is never opened),
+    or takes longer than ``timeout`` seconds (a stalled read: the decoding thread is abandoned, not waited for)."""
+    problem = not_a_regular_file(video) if is_local(video) else None
+    if problem:
+        raise VideoError(f"{video}: {problem}")
+    outcome: dict[str, Any] = {}
+
+    def decode() -> None:
+        try:
+            outcome["frames"] = _open_and_decode(video, settings, storage_options, threads)
+        except Exception as err:  # handed to the caller's thread below
+            outcome["error"] = err
+
+    worker = threading.Thread(target=decode, name=f"decode {video}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise VideoError(f"{video}: decoding did not finish within {timeout:g} s (a stalled read or a file that "
+                         "never ends); skipped")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["frames"]
+
+
+def _open_and_decode(video: str, settings: ExtractorSettings, storage_options: dict[str, Any] | None,
+                     threads: int) -> tuple[np.ndarray, int]:
     try:
         source = open_video(video, storage_options)
     except OSError as err:
@@ -366,16 +428,27 @@ def decode_one(video: str, settings: ExtractorSettings, storage_options: dict[st
     return decoded.frames, decoded.source_frames
 
 
+def check_video_files(videos: Sequence[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse, by name, a video that is not a regular file (a folder, FIFO, socket or device; for a URL, what its
+    listing says), before anything is loaded or opened."""
+    for video in videos:
+        problem = not_a_regular_file(video, storage_options)
+        if problem:
+            raise VideoError(f"{video}: {problem}")
+
+
 def extract_videos(videos: Sequence[str], settings: ExtractorSettings, dtype: str = "float32",
-                   storage_options: dict[str, Any] | None = None, device: str = "cpu") -> np.ndarray:
+                   storage_options: dict[str, Any] | None = None, device: str = "cpu",
+                   timeout: float = DECODE_TIMEOUT_S) -> np.ndarray:
     """Features (N, T, F) of ``videos`` in this process, exactly as an extraction with ``settings`` stores them
     (rounded to the store's ``dtype``, returned as float32); for query videos. A bad video raises
-    :class:`VideoError` naming it."""
+    :class:`VideoError` naming it; every video is checked to be a regular file before the backbone loads."""
+    check_video_files(videos, storage_options)
     resolve_weights(settings)
     encoder = FrameEncoder(settings).to(device)
     out = []
     for video in videos:
-        frames, _ = decode_one(video, settings, storage_options, threads=0)
+        frames, _ = decode_one(video, settings, storage_options, threads=0, timeout=timeout)
         feats = encode_frames(encoder, frames, torch.device(device), batch_frames=64)
         out.append(feats.astype(dtype).astype(np.float32))
     return np.stack(out)

@@ -36,7 +36,7 @@ import scipy.io
 import scipy.sparse
 
 from storage.schema import DATASET_PROTOCOLS, PROTOCOLS, SPLITS, Protocol, stored_splits
-from storage.store import FeatureStore
+from storage.store import FeatureStore, check_apart, not_a_regular_file
 from storage.synthetic import SHAPES
 from storage.writer import (
     Block,
@@ -125,6 +125,8 @@ def ingest(
     ~1 s/GB) and recorded with their sizes in the store's ``sources`` attribute.
     """
     protocol = _protocol(dataset, protocol)
+    check_apart({"--out": url}, {f"the {split} {part}": spec.path for split, f in files.items()
+                                 for part, spec in (("features", f.feats), ("labels", f.labels)) if spec is not None})
     with contextlib.ExitStack() as stack:
         splits, info_args, sources, params = _plan(dataset, protocol, files, stack)
         info = store_info(dataset, protocol, dtype=dtype, chunk_videos=chunk_videos, shard_videos=shard_videos,
@@ -139,8 +141,9 @@ def ingest(
 def load_labels(spec: ArraySpec) -> np.ndarray:
     """A 0/1 (N, C) label matrix as uint8 from .mat (v5 or v7.3) or .npy; SourceError names what is wrong."""
     path = spec.path
-    if not path.is_file():
-        raise SourceError(f"{path}: no such file")
+    problem = not_a_regular_file(path)
+    if problem:
+        raise SourceError(f"{path}: {problem}")
     try:
         if path.suffix == ".npy":
             labels = np.load(path, allow_pickle=False)
@@ -189,8 +192,9 @@ class _Features:
 
     def __init__(self, spec: ArraySpec, stack: contextlib.ExitStack) -> None:
         self.spec = spec
-        if not spec.path.is_file():
-            raise SourceError(f"{spec.path}: no such file")
+        problem = not_a_regular_file(spec.path)
+        if problem:
+            raise SourceError(f"{spec.path}: {problem}")
         try:
             if spec.path.suffix == ".npy":
                 self.array: Any = np.load(spec.path, mmap_mode="r", allow_pickle=False)

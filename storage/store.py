@@ -36,10 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import math
-from collections.abc import Iterator
+import os
+import posixpath
+import stat
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -66,7 +71,10 @@ SHARD_INDEX_CRC_BYTES = 4  # the crc32c that follows the shard index
 CHUNK_CODECS = (ZstdCodec(), Crc32cCodec())  # every inner chunk: zstd, then a crc32c of the compressed bytes
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}  # an all-zero chunk is written too, so a missing one is damage
 FINITE_CHECK_VIDEOS = 256  # videos checked for NaN/Inf at a time (bounds the check's temporary copy)
+LABEL_BLOCK_ROWS = 1 << 16  # rows of labels read at a time when checking them
 READ_ERRORS = (ValueError, RuntimeError)  # what zarr's codecs raise on damaged bytes (checksum, zstd frame)
+METADATA_FILE = "zarr.json"  # every group's and array's metadata (Zarr v3)
+ZARR_NODE_TYPES = ("group", "array")
 
 
 class StoreError(ValueError):
@@ -81,6 +89,11 @@ class MissingChunkError(StoreError):
     """A chunk or shard file that must be there is not (zarr would have read it as zeros)."""
 
 
+class PathError(ValueError):
+    """A path or URL a job refuses before it starts: an output that is, lies inside or contains one of the job's
+    inputs, or something ``--overwrite`` may not replace; the message names both and what is there."""
+
+
 class _PendingReadsAtExit(logging.Filter):
     """Drops asyncio's reports on zarr's sibling reads of a failed read (its ``concurrent_map`` fan-out): they
     are still queued on zarr's I/O loop when a job exits right after the error, which is harmless, and would
@@ -92,11 +105,13 @@ class _PendingReadsAtExit(logging.Filter):
             ("Task was destroyed but it is pending", "Task exception was never retrieved")))
 
 
+log = logging.getLogger(__name__)
 logging.getLogger("asyncio").addFilter(_PendingReadsAtExit())
 
 
 class StrictStore(WrapperStore):
-    """A read-only Zarr store in which a missing chunk of a required array is an error, not fill values.
+    """A Zarr store in which a missing chunk of a required array is an error, not fill values, and a damaged
+    ``zarr.json`` is an error naming the file (:func:`check_metadata`), not a bare JSONDecodeError.
 
     ``required`` holds array paths (``train/feats``); it is shared by the copies zarr makes of the store and is
     filled by :func:`open_store` once the store's attributes say which arrays must be complete.
@@ -116,6 +131,8 @@ class StrictStore(WrapperStore):
         if value is None and "/c/" in key and key.split("/c/", 1)[0] in self.required:
             raise MissingChunkError(f"{self.url}: the file {key} is missing (zarr would read it as zeros); restore "
                                     "it or re-run the ingest with --overwrite")
+        if value is not None and key.rsplit("/", 1)[-1] == METADATA_FILE:
+            check_metadata(value.to_bytes(), f"{self.url.rstrip('/')}/{key}")
         return value
 
 
@@ -148,7 +165,41 @@ class StoreInfo:
         missing = names - set(data) - {"sources", "complete"}
         if missing:
             raise StoreError(f"{url}: store attributes lack {', '.join(sorted(missing))}")
+        for key, (fits, expected) in _ATTRIBUTE_TYPES.items():
+            if key in data and not fits(data[key]):
+                raise StoreError(f"{url}/{METADATA_FILE}: attribute {ATTRIBUTE}.{key} is {data[key]!r}, expected "
+                                 f"{expected}; the store's metadata is damaged")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_STRING = (lambda value: isinstance(value, str), "a string")
+_INTEGER = (_is_int, "an integer")
+_ATTRIBUTE_TYPES: dict[str, tuple[Any, str]] = {  # the type each StoreInfo attribute must have: test, in words
+    "dataset": _STRING, "protocol": _STRING, "dtype": _STRING, "max_frames": _INTEGER, "feature_dim": _INTEGER,
+    "num_classes": _INTEGER, "chunk_videos": _INTEGER, "shard_videos": _INTEGER,
+    "counts": (lambda value: isinstance(value, dict) and all(map(_is_int, value.values())),
+               "an object of video counts (integers)"),
+    "sources": (lambda value: isinstance(value, dict), "an object"),
+    "complete": (lambda value: isinstance(value, bool), "true or false")}
+
+
+def check_metadata(data: bytes, where: str) -> None:
+    """Refuse a ``zarr.json`` that is not Zarr v3 metadata, naming the file and what is wrong (zarr itself fails
+    with a bare JSONDecodeError or KeyError that names neither)."""
+    try:
+        meta = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StoreError(f"{where}: not valid JSON ({err}); the store's metadata is damaged: restore the file or "
+                         "re-write the store with --overwrite") from None
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") not in ZARR_NODE_TYPES:
+        found = (f"zarr_format {meta.get('zarr_format')!r}, node_type {meta.get('node_type')!r}"
+                 if isinstance(meta, dict) else f"a JSON {type(meta).__name__}")
+        raise StoreError(f"{where}: not Zarr v3 metadata (expected an object with zarr_format 3 and node_type group "
+                         f"or array, found {found}); restore the file or re-write the store with --overwrite")
 
 
 def checksummed() -> dict[str, Any]:
@@ -163,6 +214,27 @@ def nonfinite_rows(feats: np.ndarray) -> np.ndarray:
     if feats.size == 0 or bool(torch.from_numpy(np.ascontiguousarray(feats)).abs().max().isfinite()):
         return np.zeros(0, np.int64)
     return np.flatnonzero(~np.isfinite(feats.reshape(len(feats), -1)).all(axis=1))
+
+
+def bad_label_rows(labels: np.ndarray) -> np.ndarray:
+    """Rows of a (n, C) label block that hold a value other than 0 or 1. Labels are multi-hot over the store's C
+    classes: a class outside them has no column, and any other value (255, 7) is no label but would count as
+    one in evaluation."""
+    return np.flatnonzero(((labels != 0) & (labels != 1)).reshape(len(labels), -1).any(axis=1))
+
+
+def duplicate_ids(ids: np.ndarray) -> dict[str, list[int]]:
+    """Every video id that occurs more than once in ``ids``, with its rows in order."""
+    ids = np.asarray(ids)
+    if ids.dtype == object:
+        ids = ids.astype(str)
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    repeats = np.flatnonzero(ordered[1:] == ordered[:-1])
+    found: dict[str, list[int]] = {}
+    for i in repeats:
+        found.setdefault(str(ordered[i]), [int(order[i])]).append(int(order[i + 1]))
+    return found
 
 
 def default_chunking(max_frames: int, feature_dim: int, dtype: str) -> tuple[int, int]:
@@ -184,6 +256,128 @@ def url_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> t
     if is_local(url):
         return fsspec.core.url_to_fs(url.removeprefix("file://"))
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def resolved_url(url: str | Path) -> str:
+    """One spelling per place, to compare locations: a local path (plain, relative, ``~``, ``file://``, through
+    symlinks) as its absolute resolved path; any other URL as its scheme and normalised path."""
+    url = str(url)
+    if is_local(url):
+        return str(Path(url.removeprefix("file://")).expanduser().resolve())
+    scheme, path = url.split("://", 1)
+    return f"{scheme.lower()}://{posixpath.normpath('/' + path).lstrip('/')}"
+
+
+def _within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_apart(outputs: Mapping[str, str | Path | None], inputs: Mapping[str, str | Path | None]) -> None:
+    """Inputs are read-only to every job: refuse an output that is, lies inside or contains one of the inputs
+    (compared as :func:`resolved_url`, so ``file://``, relative paths and symlinks are seen through). Keys name
+    the options (``--out``, ``--data``); None values (options not given) are skipped."""
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        where = resolved_url(out)
+        for in_name, source in inputs.items():
+            if source is None:
+                continue
+            read = resolved_url(source)
+            relation = ("is" if where == read else "lies inside" if _within(where, read) else
+                        "contains" if _within(read, where) else None)
+            if relation is not None:
+                shown = "" if str(out) == where and str(source) == read else f" ({where} and {read})"
+                raise PathError(f"{out_name} {out} {relation} {in_name} {source}{shown}: a job never writes over, "
+                                f"into or around what it reads; choose another {out_name}")
+
+
+def not_a_regular_file(url: str | Path, storage_options: dict[str, Any] | None = None) -> str | None:
+    """None when ``url`` is a regular file (through symlinks), else what it is in words (``no such file``, ``a
+    FIFO (named pipe), not a regular file``, ...). Only regular files are opened as media or arrays: opening a
+    FIFO or a device can block forever, a folder fails obscurely. Nothing is opened here (a stat, or the remote
+    listing's type)."""
+    url = str(url)
+    if is_local(url):
+        try:
+            mode = os.stat(Path(url.removeprefix("file://")).expanduser()).st_mode
+        except FileNotFoundError:
+            return "no such file"
+        except OSError as err:
+            return f"cannot be read ({err.strerror or err})"
+        kinds = ((stat.S_ISREG, None), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                 (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+        kind = next((name for test, name in kinds if test(mode)), "a special file")
+    else:
+        fs, path = url_filesystem(url, storage_options)
+        try:
+            found = fs.info(path).get("type")
+        except FileNotFoundError:
+            return "no such file"
+        kind = None if found == "file" else "a folder" if found == "directory" else f"of type {found!r}"
+    return None if kind is None else f"{kind}, not a regular file"
+
+
+WRITERS = {"autossvh_ingest": "jobs/ingest.py or jobs/make_synthetic.py", "autossvh_extract": "jobs/extract.py",
+           "autossvh_codes": "jobs/encode.py"}  # the record each writer keeps in its store's attributes
+
+
+def _describe(attributes: dict[str, Any]) -> str:
+    """A store by its attributes, in words: kind, writer, contents, completeness."""
+    writer = next((job for marker, job in WRITERS.items() if marker in attributes), "an unknown writer")
+    if "autossvh_codes" in attributes:
+        info = attributes["autossvh_codes"]
+        contents = (f"{info.get('count')} codes of {info.get('nbits')} bits of {info.get('dataset')!r} split "
+                    f"{info.get('split')!r}")
+        return f"a {'complete' if info.get('complete') else 'incomplete'} code store ({contents}) written by {writer}"
+    info = attributes.get(ATTRIBUTE) or {}
+    counts = ", ".join(f"{k} {v}" for k, v in (info.get("counts") or {}).items())
+    return (f"a {'complete' if info.get('complete') else 'incomplete'} feature store ({info.get('dataset')!r}: "
+            f"{counts} videos) written by {writer}")
+
+
+def is_aborted_creation(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``url`` holds a group that ``create_store`` began and never described (killed in between): no
+    attributes and nothing but split groups, so it is safe to replace."""
+    try:
+        group = zarr.open_group(store=zarr_store(url, storage_options, read_only=True), mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return False
+    return not dict(group.attrs) and set(group.keys()) <= set(SPLITS)
+
+
+def check_replaceable(url: str, storage_options: dict[str, Any] | None, marker: str) -> None:
+    """``--overwrite`` replaces only what this job writes: a store whose attributes hold ``marker`` (the record
+    its writer keeps, a key of :data:`WRITERS`), a store creation that was killed before its attributes (a group
+    of nothing but split groups), or nothing (an empty folder). Anything else is refused by name; what is
+    replaced is logged."""
+    fs, path = url_filesystem(url, storage_options)
+    root = path.rstrip("/")
+    if not fs.exists(root):
+        return
+    if not fs.isdir(root):
+        found = "a file"
+    else:
+        entries = set(fs.ls(root, detail=False))
+        if not entries:
+            return
+        try:
+            meta = json.loads(fs.cat_file(f"{root}/{METADATA_FILE}"))
+        except FileNotFoundError:
+            meta = None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+        attributes = (meta.get("attributes") or {}) if isinstance(meta, dict) else {}
+        if marker in attributes:
+            log.warning("%s: --overwrite: removing %s", url, _describe(attributes))
+            return
+        if is_aborted_creation(url, storage_options):
+            return
+        found = (f"a folder of {len(entries)} entries that is not a store" if meta is None else
+                 _describe(attributes) if ATTRIBUTE in attributes or "autossvh_codes" in attributes else
+                 "a Zarr group or array of another kind" if meta else f"a folder whose {METADATA_FILE} is damaged")
+    raise PathError(f"{url}: --overwrite replaces only a store written by {WRITERS[marker]}, but {found} is there; "
+                    "remove it yourself if it is meant to go, or choose another output")
 
 
 def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_only: bool = False) -> Any:
@@ -267,11 +461,17 @@ class FeatureStore:
     def split(self, name: str) -> SplitArrays:
         """The arrays of split ``name``, their shapes checked against the store's attributes."""
         stored = stored_split(self.info.protocol, name)
+        found: dict[str, zarr.Array] = {}
+        path = stored
         try:
             sub = self.group[stored]
-            arrays = SplitArrays(name, stored, sub["feats"], sub["labels"], sub["video_ids"])
-        except KeyError as err:
-            raise StoreError(f"{self.url}: split {stored!r} is missing its arrays ({err})") from err
+            for key in ("feats", "labels", "video_ids"):
+                path = f"{stored}/{key}"
+                found[key] = sub[key]
+        except KeyError:
+            raise StoreError(f"{self.url}: split {stored!r} lacks {path} (no {path}/{METADATA_FILE}); restore it or "
+                             "re-write the store with --overwrite") from None
+        arrays = SplitArrays(name, stored, **found)
         info, n = self.info, self.info.counts[stored]
         expected = {"feats": (n, info.max_frames, info.feature_dim), "labels": (n, info.num_classes),
                     "video_ids": (n,)}
@@ -326,6 +526,46 @@ class FeatureStore:
                                for lo in range(0, len(feats), FINITE_CHECK_VIDEOS)] or [np.zeros(0, np.int64)])
         if rows.size:
             raise self.nonfinite_error(name, start + rows)
+
+    def check_labels(self, name: str) -> None:
+        """Refuse label values other than 0 and 1 in split ``name`` (:func:`bad_label_rows`), naming the videos;
+        an unlabelled split holds zeros and passes."""
+        if not self.is_labelled(name):
+            return
+        stored = stored_split(self.info.protocol, name)
+        labels = self.split(name).labels
+        bad: list[int] = []
+        for start in range(0, labels.shape[0], LABEL_BLOCK_ROWS):
+            stop = min(start + LABEL_BLOCK_ROWS, labels.shape[0])
+            try:
+                block = np.asarray(labels[start:stop])
+            except READ_ERRORS as err:
+                raise self.read_error(name, "labels", start, stop, err) from err
+            bad += (start + bad_label_rows(block)).tolist()
+        if bad:
+            ids = self.group[stored]["video_ids"]
+            shown = ", ".join(f"{r} ({str(ids[r])!r}) holds {sorted(set(np.asarray(labels[r]).tolist()) - {0, 1})}"
+                              for r in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise StoreError(f"{self.url}: split {stored!r}: {len(bad)} video(s) have label values other than 0 and "
+                             f"1 (labels are multi-hot over the store's {self.info.num_classes} classes): row (id) "
+                             f"{shown}{more}; list every one with jobs/verify.py {self.url}, then fix the labels "
+                             "and re-write the store")
+
+    def check_unique_ids(self, name: str) -> None:
+        """Refuse a split ``name`` in which a video id occurs more than once, naming the ids and their rows."""
+        stored = stored_split(self.info.protocol, name)
+        ids = self.split(name).video_ids
+        try:
+            found = duplicate_ids(np.asarray(ids[:]))
+        except READ_ERRORS as err:
+            raise self.read_error(name, "video_ids", 0, ids.shape[0], err) from err
+        if found:
+            shown = "; ".join(f"{video!r} at rows {', '.join(map(str, rows))}" for video, rows in
+                              list(found.items())[:5])
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            raise StoreError(f"{self.url}: split {stored!r}: {len(found)} video id(s) occur more than once: "
+                             f"{shown}{more}; video ids must be unique (fix the source and re-write the store)")
 
     @property
     def has_chunk_checksums(self) -> bool:
@@ -468,23 +708,27 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None, require_
                mode: str = "r") -> FeatureStore:
     """Open and validate a store; an incomplete one raises :class:`IncompleteStoreError` unless
     ``require_complete`` is False. Opened for reading (``mode="r"``), a missing chunk of a required array raises
-    :class:`MissingChunkError` when it is read (:class:`StrictStore`)."""
-    store = zarr_store(url, storage_options, read_only=mode == "r")
-    strict = StrictStore(store, url) if mode == "r" else None
+    :class:`MissingChunkError` when it is read (:class:`StrictStore`); in any mode a damaged ``zarr.json`` raises
+    :class:`StoreError` naming it."""
+    strict = StrictStore(zarr_store(url, storage_options, read_only=mode == "r"), url)
     try:
-        group = zarr.open_group(store=strict or store, mode=mode, zarr_format=3)
+        group = zarr.open_group(store=strict, mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
         raise StoreError(f"{url}: no feature store there") from err
     if ATTRIBUTE not in group.attrs:
         raise StoreError(f"{url}: a Zarr group but not an AutoSSVH feature store (no '{ATTRIBUTE}' attribute)")
-    info = StoreInfo.from_dict(dict(group.attrs[ATTRIBUTE]), url)
+    attributes = group.attrs[ATTRIBUTE]
+    if not isinstance(attributes, dict):
+        raise StoreError(f"{url}/{METADATA_FILE}: attribute {ATTRIBUTE} is {str(attributes)[:100]!r}, expected an "
+                         "object; the store's metadata is damaged")
+    info = StoreInfo.from_dict(dict(attributes), url)
     if require_complete and not info.complete:
         raise IncompleteStoreError(
             f"{url}: the store is incomplete (its ingest did not finish); re-run the same ingest command to "
             "resume it")
     _check_info(info, url)
     opened = FeatureStore(url, group, info, storage_options)
-    if strict is not None:
+    if mode == "r":
         strict.required |= opened.required_arrays()
     return opened
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.store import FeatureStore, StoreError, open_store
+from storage.store import FeatureStore, StoreError, check_apart, open_store
 from storage.writer import Block, SplitSource, store_info, write_store
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def _rows_source(store: FeatureStore, name: str, rows: np.ndarray) -> SplitSourc
 def carve_validation_store(source_url: str, out_url: str, fraction: float = 0.1, seed: int = 0,
                            storage_options: dict[str, Any] | None = None) -> FeatureStore:
     """Write (or find, or resume) the validation store of ``source_url`` at ``out_url`` and return it opened."""
+    check_apart({"the validation store": out_url}, {"its source": source_url})
     source = open_store(source_url, storage_options)
     info = source.info
     if not source.is_labelled("train"):

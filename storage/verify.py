@@ -4,9 +4,11 @@
 Every array of every stored split is read shard by shard (features) or chunk by chunk (labels, ids, frame
 signal). A read that fails is narrowed to its inner chunks, so a report names the file and the videos of each bad
 chunk: a checksum or codec error (damaged or truncated bytes) or a missing file (which zarr alone would read as
-zeros). Readable features are checked for NaN and Inf video by video. Stores written before chunk checksums are
-read the same way; in them a flipped bit inside a chunk can go unnoticed (only the shard index has a checksum),
-which the report says: rewrite such a store with ``jobs/ingest.py ... --overwrite`` to add them.
+zeros). Readable features are checked for NaN and Inf video by video, labels for values other than 0/1 (and, in a
+split that evaluation scores, for videos without any label or a split stored unlabelled), ids for repeats. A
+missing array or a damaged ``zarr.json`` means no report (exit 2, naming it). Stores written before chunk
+checksums are read the same way; in them a flipped bit inside a chunk can go unnoticed (only the shard index has a
+checksum), which the report says: rewrite such a store with ``jobs/ingest.py ... --overwrite`` to add them.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from storage.schema import stored_splits
+from storage.schema import stored_split, stored_splits
 from storage.store import (
     FINITE_RECORD,
     READ_ERRORS,
     FeatureStore,
     MissingChunkError,
+    PathError,
     StoreError,
+    bad_label_rows,
+    check_apart,
+    duplicate_ids,
     nonfinite_rows,
     open_store,
     read_failure,
@@ -48,7 +54,7 @@ class Problem:
 
     split: str
     array: str
-    kind: str  # "damaged", "missing" or "non-finite"
+    kind: str  # "damaged", "missing", "non-finite", "bad-label", "no-label", "unlabelled" or "duplicate"
     file: str
     start: int
     stop: int
@@ -87,8 +93,9 @@ class VerifyReport:
             lines.append("  this store was written without chunk checksums: bit flips inside a chunk cannot be "
                          "detected; rewrite it with jobs/ingest.py ... --overwrite to add them")
         lines += [f"  {p.line()}" for p in self.problems]
-        lines.append("  no damaged, missing or non-finite video" if self.ok else
-                     f"  {len(self.problems)} problem(s); restore the files or re-run the ingest with --overwrite")
+        lines.append("  no damaged, missing or non-finite video, bad label or repeated id" if self.ok else
+                     f"  {len(self.problems)} problem(s); restore the files, or fix the source and re-write the "
+                     "store with --overwrite")
         return "\n".join(lines)
 
 
@@ -142,19 +149,65 @@ def _read_ids(store: FeatureStore, split: str) -> tuple[np.ndarray | None, list[
         return None, _check_array(store, split, "video_ids", None, tqdm(disable=True))
 
 
+def _check_labels(store: FeatureStore, split: str, ids: np.ndarray | None) -> list[Problem]:
+    """Videos whose labels hold a value other than 0 and 1, one problem per chunk; in a split that evaluation
+    reads (its queries or database), videos without any label, or the whole split when it was stored unlabelled."""
+    array = store.group[split]["labels"]
+    evaluated = split in {stored_split(store.info.protocol, role) for role in ("query", "database")}
+    if not store.is_labelled(split):
+        if not evaluated:
+            return []
+        rows = list(range(array.shape[0]))
+        return [Problem(split, "labels", "unlabelled", f"{split}/labels", 0, array.shape[0],
+                        "stored without labels, but evaluation needs them (the protocol's query or database split)",
+                        rows, _ids(ids, rows))]
+    problems = []
+    step = array.metadata.chunk_grid.chunk_shape[0]
+    for start in range(0, array.shape[0], step):
+        stop = min(start + step, array.shape[0])
+        try:
+            block = np.asarray(array[start:stop])
+        except READ_ERRORS:
+            continue  # reported as damaged or missing by _check_array
+        bad = (start + bad_label_rows(block)).tolist()
+        if bad:
+            values = sorted(set(np.asarray(block[np.asarray(bad) - start]).ravel().tolist()) - {0, 1})
+            problems.append(Problem(split, "labels", "bad-label", _file_of(array, start), start, stop,
+                                    f"label values {values}: labels are 0/1 over the store's "
+                                    f"{store.info.num_classes} classes", bad, _ids(ids, bad)))
+        empty = (start + np.flatnonzero(~block.any(axis=1))).tolist() if evaluated else []
+        if empty:
+            problems.append(Problem(split, "labels", "no-label", _file_of(array, start), start, stop,
+                                    "no class set: never relevant in evaluation", empty, _ids(ids, empty)))
+    return problems
+
+
+def _check_ids(split: str, ids: np.ndarray | None) -> list[Problem]:
+    """One problem per video id that occurs more than once in the split."""
+    if ids is None:
+        return []
+    return [Problem(split, "video_ids", "duplicate", f"{split}/video_ids", rows[0], rows[-1] + 1,
+                    f"id {video!r} at rows {', '.join(map(str, rows))}; ids must be unique", rows, [video] * len(rows))
+            for video, rows in duplicate_ids(ids).items()]
+
+
 def verify_store_chunks(url: str, storage_options: dict[str, Any] | None = None) -> VerifyReport:
-    """Read every chunk of the store at ``url``; raises StoreError when it cannot be opened at all."""
+    """Read every chunk of the store at ``url``; raises StoreError when it cannot be opened at all (its metadata,
+    or an array of a split, missing or damaged)."""
     store = open_store(url, storage_options)
     required = store.required_arrays()
     problems: list[Problem] = []
     videos = {split: store.info.counts[split] for split in stored_splits(store.info.protocol)}
+    for split in videos:
+        store.split(split)  # every array there, of the shape the attributes say
     with tqdm(total=sum(videos.values()), unit="video", desc="verify", file=sys.stderr, disable=None) as bar:
         for split in videos:
             ids, id_problems = _read_ids(store, split)
-            problems += id_problems
+            problems += id_problems + _check_ids(split, ids)
             for name in ("feats", "labels", "frame_signal"):
                 if name in store.group[split] and (name != "labels" or f"{split}/labels" in required):
                     problems += _check_array(store, split, name, ids, bar)
+            problems += _check_labels(store, split, ids)
     return VerifyReport(url, store.has_chunk_checksums, bool(store.info.sources.get(FINITE_RECORD)), videos, problems)
 
 
@@ -166,11 +219,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Exit status 0: every chunk readable and finite; 1: problems found (listed); 2: no readable store there."""
+    """Exit status 0: every chunk readable and finite, labels 0/1, ids unique; 1: problems found (listed); 2: no
+    readable store there (or --json inside it)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        check_apart({"--json": args.json}, {"the store": args.store})
         report = verify_store_chunks(args.store, storage_options_from(args.storage_options))
-    except StoreError as err:
+    except (StoreError, PathError) as err:
         log.error("%s", err)
         return 2
     print(report.text())

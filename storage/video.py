@@ -33,6 +33,7 @@ FRAME_RULE = ("frame i of T is source frame floor((i + 0.5) * n / T) of the n de
               "order (centres of T equal segments); videos with n < T repeat frames by the same formula")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv")
 DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)  # what a bad file raises inside PyAV
+DECODE_TIMEOUT_S = 600.0  # per video: a decode that takes longer is a stalled read (the jobs' --decode-timeout)
 
 
 class VideoError(ValueError):

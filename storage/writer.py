@@ -40,20 +40,23 @@ import zarr
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from storage.schema import SPLITS, Protocol
+from storage.schema import Protocol
 from storage.store import (
-    ATTRIBUTE,
     CHUNKS_PER_SHARD,
     FEATURE_DTYPES,
     FINITE_RECORD,
     FeatureStore,
+    PathError,
     StoreError,
     StoreInfo,
+    bad_label_rows,
+    check_replaceable,
     create_store,
     default_chunking,
+    duplicate_ids,
+    is_aborted_creation,
     mark_complete,
     open_store,
-    zarr_store,
 )
 
 log = logging.getLogger(__name__)
@@ -150,6 +153,8 @@ def write_store(
     core = {k: v for k, v in info.to_dict().items() if k not in ("sources", "complete")}
     params = {"store": core, **params}
     fingerprint = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+    if overwrite:
+        check_replaceable(url, storage_options, STATE_ATTR)
     previous = None if overwrite else _open_previous(url, storage_options)
     if previous is not None and previous.info.complete:
         return _already_complete(previous, splits, fingerprint, params, verify)
@@ -160,7 +165,7 @@ def write_store(
             f"{', '.join(_differences(state.get('params', {}), params)) or 'fingerprint'}); re-run the command "
             "that started it to resume, or pass --overwrite to start again")
     if state is None:
-        replace = overwrite or previous is not None or _aborted_creation(url, storage_options)
+        replace = overwrite or previous is not None or is_aborted_creation(url, storage_options)
         if previous is not None:
             log.info("%s: incomplete store with no recorded progress; starting it again", url)
         group = create_store(url, info, storage_options, overwrite=replace, frame_signal=frame_signal)
@@ -180,6 +185,7 @@ def write_store(
                 group.attrs[STATE_ATTR] = state
         for split in splits:
             _write_split(url, group, info, split, state)
+            _check_unique_ids(url, group, split)
         if verify:
             verify_store(FeatureStore(url, group, info, storage_options), splits, state["block_videos"])
     mark_complete(group, {**sources, "checksums": state["checksums"], FINITE_RECORD: True})
@@ -256,13 +262,41 @@ def _write_block(url: str, arrays: zarr.Group, info: StoreInfo, split: SplitSour
     if block.feats.shape != shape:
         raise SourceError(f"{split.origin}: videos {start}:{stop} read with shape {block.feats.shape}, "
                           f"expected {shape}")
+    labels = None if block.labels is None else _checked_labels(url, np.asarray(block.labels), info, split, start)
     arrays["feats"][start:stop] = _to_store_dtype(url, block.feats, info.dtype, split, start)
-    if block.labels is not None:
-        arrays["labels"][start:stop] = np.asarray(block.labels, dtype=np.uint8)
+    if labels is not None:
+        arrays["labels"][start:stop] = labels
     arrays["video_ids"][start:stop] = block.video_ids
     if "frame_signal" in arrays and block.frame_signal is not None:
         arrays["frame_signal"][start:stop] = np.asarray(block.frame_signal, dtype=np.float16)
     log.debug("wrote %s videos %d:%d", split.name, start, stop)
+
+
+def _checked_labels(url: str, labels: np.ndarray, info: StoreInfo, split: SplitSource, start: int) -> np.ndarray:
+    """The block's labels as uint8, refusing any that are not 0/1 rows over the store's classes (a value such as
+    255 would pass as a label in evaluation), naming the first bad video."""
+    n = len(labels)
+    if labels.shape != (n, info.num_classes):
+        raise SourceError(f"{split.origin}: videos {start}:{start + n} have labels of shape {labels.shape}, expected "
+                          f"({n}, {info.num_classes}): 0/1 rows over the store's {info.num_classes} classes")
+    bad = bad_label_rows(labels)
+    if bad.size:
+        row = int(bad[0])
+        values = sorted(set(labels[row].tolist()) - {0, 1})
+        raise SourceError(f"{split.origin}: video {start + row} (split {split.name!r}) has label values {values}; "
+                          f"labels are 0/1 over the store's {info.num_classes} classes; the store at {url} is left "
+                          "incomplete (fix the source, then re-run with --overwrite)")
+    return labels.astype(np.uint8)
+
+
+def _check_unique_ids(url: str, group: zarr.Group, split: SplitSource) -> None:
+    """Refuse a written split in which a video id occurs twice (the store stays incomplete)."""
+    found = duplicate_ids(np.asarray(group[split.name]["video_ids"][:]))
+    if found:
+        video, rows = next(iter(found.items()))
+        raise SourceError(f"{split.origin}: video id {video!r} occurs at rows {', '.join(map(str, rows))} of split "
+                          f"{split.name!r} ({len(found)} repeated id(s)); ids must be unique; the store at {url} is "
+                          "left incomplete")
 
 
 def _return_freed_memory() -> None:
@@ -316,16 +350,6 @@ def _open_previous(url: str, storage_options: dict[str, Any] | None) -> FeatureS
         return None
 
 
-def _aborted_creation(url: str, storage_options: dict[str, Any] | None) -> bool:
-    """Whether ``url`` holds a group that ``create_store`` began and never described (killed in between): no
-    attributes and nothing but split groups, so it is safe to replace."""
-    try:
-        group = zarr.open_group(store=zarr_store(url, storage_options, read_only=True), mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
-        return False
-    return ATTRIBUTE not in group.attrs and not dict(group.attrs) and set(group.keys()) <= set(SPLITS)
-
-
 def _already_complete(store: FeatureStore, splits: Sequence[SplitSource], fingerprint: str, params: dict[str, Any],
                       verify: bool) -> FeatureStore:
     state = store.group.attrs.get(STATE_ATTR) or {}
@@ -368,7 +392,8 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-videos", type=int, help="videos per chunk (default: ~4 MiB chunks)")
     parser.add_argument("--shard-videos", type=int, help="videos per shard, a multiple of --chunk-videos "
                         "(default: 16 chunks)")
-    parser.add_argument("--overwrite", action="store_true", help="replace whatever store is at --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace the store at --out that this job wrote "
+                        "(another kind of store, or anything else, is refused)")
 
 
 def storage_options_from(pairs: Sequence[str]) -> dict[str, Any]:
@@ -391,7 +416,7 @@ def run_job(action: Callable[[], object]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         action()
-    except (SourceError, StoreError) as err:
+    except (SourceError, StoreError, PathError) as err:
         log.error("%s", err)
         return 2
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,12 +27,32 @@ import storage.synthetic as synthetic
 from autossvh.config import Config, build_config
 from cluster.preflight import (
     PreflightError,
+    check_count,
+    check_device,
+    check_name,
+    check_output_file,
+    check_output_folder,
+    check_resumed_run,
+    check_run_name,
     check_store_shape,
+    check_tracking_uri,
     check_training_inputs,
     requested_data_shape,
 )
 from storage.reader import EvalReader, TrainReader
-from storage.store import IncompleteStoreError, MissingChunkError, StoreError, open_store, verify_shards
+from storage.store import (
+    IncompleteStoreError,
+    MissingChunkError,
+    PathError,
+    StoreError,
+    bad_label_rows,
+    check_apart,
+    check_replaceable,
+    duplicate_ids,
+    not_a_regular_file,
+    open_store,
+    verify_shards,
+)
 from storage.synthetic_store import write_synthetic
 from storage.writer import SourceError
 
@@ -149,7 +170,7 @@ def test_eval_labels_missing_or_empty_are_refused(store_path: Path) -> None:
     assert f"2 of {QUERY_VIDEOS} videos of the query split have no label" in message
     assert "video 3, id 'query_000003'" in message and str(store_path) in message
     shutil.rmtree(store_path / "query" / "labels")
-    with pytest.raises(StoreError, match="split 'query' is missing its arrays"):
+    with pytest.raises(StoreError, match="split 'query' lacks query/labels"):
         preflight(store_path)
 
 
@@ -347,3 +368,228 @@ def test_the_job_refuses_bad_input_before_ray(store_path: Path, tmp_path: Path, 
     proc, seconds = run_job(tmp_path, "--data", str(store_path), "--workers", "2", *fits, *args)
     assert_refused(tmp_path, proc, seconds, *fragments)
 
+
+
+# ----- inputs are read-only, only regular files are opened, labels and ids are checked (issue 22) -------------------
+def test_an_output_over_inside_or_around_an_input_is_refused_in_any_spelling(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "link").symlink_to(data)
+    monkeypatch.chdir(tmp_path)
+    for out, relation in ((str(data), "is"), (f"file://{data}", "is"), ("data/../data/", "is"),
+                          (str(tmp_path / "link"), "is"), ("link/codes", "lies inside"), (str(tmp_path), "contains")):
+        with pytest.raises(PathError, match=f"--out {out} {relation} --data data"):
+            check_apart({"--out": out}, {"--data": "data"})
+    with pytest.raises(PathError, match="lies inside --data s3://bucket/stores/x"):
+        check_apart({"--out": "S3://bucket//stores/x/codes"}, {"--data": "s3://bucket/stores/x"})
+    check_apart({"--out": "data-codes", "--json": None}, {"--data": "data", "--model": None})  # a sibling
+    check_apart({"--out": "s3://bucket/data"}, {"--data": str(data)})  # another filesystem
+    check_apart({"--out": str(tmp_path / "data2")}, {"--data": "data"})  # a name that only begins the same
+
+
+def test_only_regular_files_count_as_files(tmp_path: Path) -> None:
+    import socket
+
+    (tmp_path / "file.npy").write_bytes(b"x")
+    (tmp_path / "link.npy").symlink_to(tmp_path / "file.npy")
+    (tmp_path / "folder.npy").mkdir()
+    os.mkfifo(tmp_path / "fifo.npy")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "socket.npy"))
+        found = {name: not_a_regular_file(tmp_path / name) for name in
+                 ("file.npy", "link.npy", "folder.npy", "fifo.npy", "socket.npy", "missing.npy")}
+    assert found == {"file.npy": None, "link.npy": None, "folder.npy": "a folder, not a regular file",
+                     "fifo.npy": "a FIFO (named pipe), not a regular file",
+                     "socket.npy": "a socket, not a regular file", "missing.npy": "no such file"}
+    assert not_a_regular_file("/dev/null") == "a character device, not a regular file"
+    assert not_a_regular_file(f"file://{tmp_path}/fifo.npy") == "a FIFO (named pipe), not a regular file"
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/hostile/a.npy", b"x")
+    assert not_a_regular_file("memory:///hostile/a.npy") is None
+    assert not_a_regular_file("memory:///hostile") == "a folder, not a regular file"
+
+
+def test_overwrite_replaces_only_what_the_same_writer_wrote(tmp_path: Path, pristine: dict[str, Path],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    check_replaceable(str(tmp_path / "nothing"), None, "autossvh_ingest")
+    (tmp_path / "empty").mkdir()
+    check_replaceable(str(tmp_path / "empty"), None, "autossvh_ingest")
+    zarr.open_group(str(tmp_path / "aborted"), mode="w", zarr_format=3).create_group("train")
+    check_replaceable(str(tmp_path / "aborted"), None, "autossvh_ingest")
+    check_replaceable(str(pristine["ucf101"]), None, "autossvh_ingest")
+    assert "removing a complete feature store ('ucf101': train 104, query 41 videos)" in caplog.text
+    with pytest.raises(PathError, match="only a store written by jobs/encode.py, but a complete feature store"):
+        check_replaceable(str(pristine["ucf101"]), None, "autossvh_codes")
+    with pytest.raises(PathError, match="only a store written by jobs/extract.py"):
+        check_replaceable(str(pristine["ucf101"]), None, "autossvh_extract")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    with pytest.raises(PathError, match="a folder of 1 entries that is not a store"):
+        check_replaceable(str(tmp_path / "notes"), None, "autossvh_ingest")
+    with pytest.raises(PathError, match="but a file is there"):
+        check_replaceable(str(tmp_path / "notes" / "a.txt"), None, "autossvh_ingest")
+    zarr.open_group(str(tmp_path / "foreign"), mode="w", zarr_format=3).attrs["mine"] = 1
+    with pytest.raises(PathError, match="a Zarr group or array of another kind"):
+        check_replaceable(str(tmp_path / "foreign"), None, "autossvh_ingest")
+
+
+def test_label_values_and_repeated_ids_are_found_by_row() -> None:
+    labels = np.array([[0, 1, 0], [255, 0, 0], [0, 0, 0], [7, 7, 7], [1, 1, 0]], np.uint8)
+    assert bad_label_rows(labels).tolist() == [1, 3]
+    assert duplicate_ids(np.array(["a", "b", "a", "c", "b", "a"])) == {"a": [0, 2, 5], "b": [1, 4]}
+    assert duplicate_ids(np.array(["a", "b"], dtype=object)) == {}
+
+
+def test_bad_labels_and_repeated_ids_are_refused_before_training(store_path: Path) -> None:
+    zarr.open_array(str(store_path / "query" / "labels"), mode="r+")[3, 0] = 255
+    with pytest.raises(StoreError, match=r"split 'query': 1 video\(s\) have label values other than 0 and 1 .*"
+                                         r"3 \('query_000003'\) holds \[255\]"):
+        preflight(store_path)
+    zarr.open_array(str(store_path / "query" / "labels"), mode="r+")[3, 0] = 1
+    ids = zarr.open_array(str(store_path / "train" / "video_ids"), mode="r+")
+    ids[9] = ids[4]
+    with pytest.raises(StoreError, match="split 'train': 1 video id.s. occur more than once: 'train_000004' at rows "
+                                         "4, 9"):
+        preflight(store_path)
+
+
+@pytest.mark.parametrize(("file", "text", "fragment"), [
+    ("zarr.json", '{"zarr_format": 3,', "zarr.json: not valid JSON"),
+    ("zarr.json", "[1, 2]", "zarr.json: not Zarr v3 metadata (expected an object with zarr_format 3 and node_type "
+                            "group or array, found a JSON list)"),
+    ("train/zarr.json", '{"zarr_format": 2, "node_type": "group"}', "train/zarr.json: not Zarr v3 metadata"),
+    ("query/feats/zarr.json", "\xff\xfe", "query/feats/zarr.json: not valid JSON"),
+], ids=["truncated", "a-list", "zarr-v2", "not-utf8"])
+def test_damaged_metadata_is_named_by_file(store_path: Path, file: str, text: str, fragment: str) -> None:
+    (store_path / file).write_text(text, encoding="latin-1")
+    with pytest.raises(StoreError, match=re.escape(f"{store_path}/{fragment}")):
+        preflight(store_path)
+
+
+def test_damaged_store_attributes_are_named(store_path: Path) -> None:
+    set_attrs(store_path, max_frames="8")
+    with pytest.raises(StoreError, match=f"{store_path}/zarr.json: attribute autossvh.max_frames is '8', expected "
+                                         "an integer"):
+        open_store(str(store_path))
+    group = zarr.open_group(str(store_path), mode="r+")
+    group.attrs["autossvh"] = "a string"
+    with pytest.raises(StoreError, match="attribute autossvh is 'a string', expected an object"):
+        open_store(str(store_path))
+
+
+# ----- names, tracking URIs, destinations, devices and counts (issue 22, items 8 to 12) ---------------------------
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    ("", "--name '': a run name is one folder name inside --storage: use 1 to 100 characters"),
+    ("run\nlog", "--name 'run\\nlog'"),
+    ("r" * 101, "--name 'rrrr"),
+    ("../up", "--name '../up'"),
+    (".hidden", "--name '.hidden'"),
+    ("a/b", "--name 'a/b'"),
+    ("café", "--name 'café'"),
+])
+def test_a_run_name_outside_the_documented_rule_is_refused(value: str, fragment: str) -> None:
+    with pytest.raises(PreflightError, match=re.escape(fragment)):
+        check_run_name(value)
+
+
+def test_names_inside_the_rule_pass_and_experiments_may_hold_slashes() -> None:
+    for name in ("ucf101-synthetic-64bits-paper", "run_2.b", "r" * 100):
+        check_run_name(name)
+    check_name("/Users/me/autossvh", "--experiment", "an MLflow experiment name", slashes=True)
+    with pytest.raises(PreflightError, match="--register 'a/b': a registered model name"):
+        check_name("a/b", "--register", "a registered model name")
+    with pytest.raises(PreflightError, match=r"\(300 characters\)"):
+        check_name("e" * 300, "--experiment", "an MLflow experiment name", slashes=True)
+
+
+def test_tracking_uris_that_mlflow_cannot_use_are_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    (tmp_path / "empty.db").touch()
+    sqlite3.connect(tmp_path / "real.db").execute("create table t (x)").connection.close()
+    for uri in (f"sqlite:///{tmp_path}/new.db", f"sqlite:///{tmp_path}/empty.db", f"sqlite:///{tmp_path}/real.db",
+                "sqlite:///runs/mlflow.db", "http://127.0.0.1:5000", "postgresql+psycopg2://u@h/db", "databricks",
+                f"file://{tmp_path}"):
+        check_tracking_uri(uri)
+    refused = {f"sqlite:///{tmp_path}": f"{tmp_path} is a folder, not a SQLite file",
+               f"sqlite:///{tmp_path}/notes.txt": "notes.txt is not a SQLite database",
+               "sqlite://": "name the database file",
+               "ftp://host/mlflow": "unknown scheme 'ftp'",
+               "runs/mlflow.db": "not a URI",
+               f"file://{tmp_path}/notes.txt": "is not a folder"}
+    for uri, fragment in refused.items():
+        with pytest.raises(PreflightError, match=re.escape(fragment)):
+            check_tracking_uri(uri)
+    assert (tmp_path / "notes.txt").read_text() == "not a database\n" and not (tmp_path / "new.db").exists()
+
+
+def test_outputs_under_a_file_or_onto_a_folder_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PreflightError, match=re.escape(f"--summary-json {tmp_path}/file/a/s.json: {tmp_path}/file "
+                                                       "is a file, not a folder")):
+        check_output_file(tmp_path / "file" / "a" / "s.json", "--summary-json")
+    with pytest.raises(PreflightError, match="is a folder; name a file"):
+        check_output_file(tmp_path, "--json")
+    with pytest.raises(PreflightError, match=re.escape(f"--out {tmp_path}/file: is a file, not a folder")):
+        check_output_folder(tmp_path / "file", "--out")
+    with pytest.raises(PreflightError, match="cannot write in /proc"):
+        check_output_folder("/proc/autossvh-eval", "--out")
+    check_output_file(None, "--summary-json")
+    check_output_folder("s3://bucket/eval", "--out")
+    check_output_folder(tmp_path / "new" / "eval", "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_devices_and_counts_the_machine_cannot_give_are_refused() -> None:
+    import torch
+
+    check_device("cpu")
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(PreflightError, match=f"--device {missing}: "):
+        check_device(missing)
+    with pytest.raises(PreflightError, match="--device 'gpu0': not a torch device"):
+        check_device("gpu0")
+    with pytest.raises(PreflightError, match="--device meta: not supported"):
+        check_device("meta")
+    check_count(0, "--workers", 0)
+    check_count(None, "--num-cpus", 1)
+    with pytest.raises(PreflightError, match="--workers -1: must be >= 0"):
+        check_count(-1, "--workers", 0)
+    with pytest.raises(PreflightError, match="--cpus-per-worker 0: must be > 0"):
+        check_count(0.0, "--cpus-per-worker", 0, strict=True)
+
+
+def test_resuming_needs_the_recorded_mlflow_run_in_the_given_store(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    check_resumed_run(uri, run_id, "r", "runs/ray")
+    with pytest.raises(PreflightError, match=f"run 'r' in runs/ray resumes MLflow run {'f' * 32}, which --mlflow-uri "
+                                             f"{re.escape(uri)} does not hold"):
+        check_resumed_run(uri, "f" * 32, "r", "runs/ray")
+    other = f"sqlite:///{tmp_path}/other.db"
+    with pytest.raises(PreflightError, match=r"does not hold; .* \(no such file\)"):
+        check_resumed_run(other, run_id, "r", "runs/ray")
+    assert not (tmp_path / "other.db").exists()
+
+
+def test_evaluation_results_appear_all_at_once_or_not_at_all(tmp_path: Path) -> None:
+    from cluster.results import staged_folder
+
+    out = tmp_path / "eval"
+    with pytest.raises(RuntimeError, match="plot failed"), staged_folder(out) as stage:
+        (stage / "map_table.json").write_text("{}")
+        raise RuntimeError("plot failed")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a staged file
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with staged_folder(out) as stage:
+        (stage / "map_table.json").write_text("{}")
+        assert not (out / "map_table.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["map_table.json", "notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["eval"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from autossvh.config import DATASETS, ConfigError, build_config, config_from_dict
+from autossvh.config import DATASETS, RECIPES, SANE_RANGES, ConfigError, build_config, config_from_dict, set_value
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_ablation_switches_and_overrides():
     assert cfg.recipe == "released" and cfg.sampler.grl is False and cfg.sampler.kind == "random"
     assert not cfg.loss.reconstruction and not cfg.loss.view_contrastive and cfg.loss.p2set
     assert cfg.train.lr == 5e-4 and cfg.cluster.num_cluster == [10, 20] and cfg.model.nbits == 32
-    assert isinstance(build_config("ucf101", overrides=["train.lr=1"]).train.lr, float)
+    assert isinstance(build_config("ucf101", overrides=["train.weight_decay=1"]).train.weight_decay, float)
 
 
 @pytest.mark.parametrize(
@@ -136,3 +136,39 @@ def test_bad_yaml_file(tmp_path):
         build_config("ucf101", config_file=path)
     with pytest.raises(ConfigError, match="cannot read"):
         build_config("ucf101", config_file=tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.lr=1e30", "train.lr: 1e+30 is not allowed; must be in [1e-08, 0.1]"),
+    ("train.weight_decay=5", "train.weight_decay: 5.0 is not allowed; must be in [0, 1]"),
+    ("loss.temperature=0.001", "loss.temperature: 0.001 is not allowed; must be in [0.01, 10]"),
+    ("loss.p2set_temperature=50", "loss.p2set_temperature: 50.0 is not allowed; must be in [0.01, 10]"),
+    ("cluster.kmeans_temperature=1e-6", "cluster.kmeans_temperature: 1e-06 is not allowed"),
+    ("loss.a=1000", "loss.a: 1000.0 is not allowed; must be in [0, 100]"),
+    ("sampler.tau=1e6", "sampler.tau: 1000000.0 is not allowed; must be in [0.01, 1000]"),
+    ("sampler.lr_scale=1e4", "sampler.lr_scale: 10000.0 is not allowed; must be in [0.001, 1000]"),
+    ("train.max_weight_norm=0", "train.max_weight_norm: 0.0 is not allowed; must be > 0"),
+    ("train.max_loss=-1", "train.max_loss: -1.0 is not allowed; must be > 0"),
+])
+def test_scales_outside_their_sane_range_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError) as info:
+        build_config("ucf101", overrides=[override])
+    assert message in str(info.value)
+
+
+def test_the_sampler_learning_rate_stays_in_the_learning_rate_range():
+    assert build_config("ucf101", overrides=["train.lr=1e-4", "sampler.lr_scale=100"]).sampler.lr_scale == 100
+    with pytest.raises(ConfigError, match=r"sampler.lr_scale: .*train.lr \* sampler.lr_scale = 1"):
+        build_config("ucf101", overrides=["train.lr=1e-2", "sampler.lr_scale=100"])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_preset_is_inside_the_ranges_and_every_bound_is_accepted(dataset, recipe):
+    flat = build_config(dataset, recipe).flat()
+    for key, (low, high) in SANE_RANGES.items():
+        assert low <= flat[key] <= high, key
+        for bound in (low, high):  # the ranges are inclusive (min_lr 0: below the lowest train.lr)
+            cfg = build_config(dataset, recipe, overrides=["train.min_lr=0"])
+            set_value(cfg, key, bound)
+            assert cfg.validate().flat()[key] == bound

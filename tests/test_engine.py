@@ -10,6 +10,7 @@ import torch
 from autossvh.baselines import ITQ, mean_pool, random_projection_codes
 from autossvh.config import build_config
 from autossvh.engine import (
+    EpochStats,
     NonFiniteGuard,
     NonFiniteLossError,
     UnsafeFileError,
@@ -23,7 +24,7 @@ from autossvh.engine import (
     train_one_epoch,
 )
 from autossvh.model import AutoSSVH
-from autossvh.trainer import RetrievalData, evaluate_arrays, fit, shuffled_batches
+from autossvh.trainer import DivergenceError, RetrievalData, check_divergence, evaluate_arrays, fit, shuffled_batches
 from storage.synthetic import make_synthetic
 from tests.conftest import tiny_config
 
@@ -131,6 +132,38 @@ def test_consecutive_non_finite_losses_stop_the_run_across_epochs():
     train_one_epoch(model, [(bad, index), (bad, index)], optimizer, cfg, torch.device("cpu"), guard=guard)
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive .*train.max_nonfinite_steps=3; 5 skipped"):
         train_one_epoch(model, [(bad, index)], optimizer, cfg, torch.device("cpu"), guard=guard)
+
+
+def _epoch(loss: float, steps: int = 13, skipped: int = 0) -> EpochStats:
+    return EpochStats(loss=loss, rec=loss, vc=0.0, p2set=0.0, steps=steps, skipped_steps=skipped, videos=8 * steps,
+                      seconds=1.0)
+
+
+def test_a_diverging_epoch_stops_the_run_naming_epoch_step_and_value():
+    cfg = tiny_config("train.max_loss=100", "train.max_weight_norm=1e4")
+    model = AutoSSVH(cfg)
+    check_divergence(cfg, 0, _epoch(12.5), model)  # a sane epoch passes
+    with pytest.raises(DivergenceError, match=r"epoch 3, step 13 .*mean loss 250 > train.max_loss=100"):
+        check_divergence(cfg, 2, _epoch(250.0), model)
+    with pytest.raises(DivergenceError, match=r"epoch 1, step 4 .*all 4 steps of the epoch had a non-finite loss"):
+        check_divergence(cfg, 0, _epoch(0.0, steps=0, skipped=4), model)
+    with torch.no_grad():
+        next(model.parameters()).mul_(1e30)  # what train.lr=1e30 did in one step
+    with pytest.raises(DivergenceError, match=r"epoch 2, step 13 .*weight norm \d\.\d+e\+\d\d > train.max_weight_norm=10000"):
+        check_divergence(cfg, 1, _epoch(12.5), model)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(DivergenceError, match=r"weight norm nan"):
+        check_divergence(cfg, 1, _epoch(12.5), model)
+
+
+def test_fit_stops_at_the_first_epoch_past_the_bound():
+    ds = make_synthetic("ucf101", 64, feature_dim=16, max_frames=8, num_classes=8, seed=1)
+    train, query = ds.splits["train"], ds.splits["query"]
+    data = RetrievalData(train.feats, query.feats, query.labels, train.feats, train.labels)
+    cfg = tiny_config("train.num_epochs=3", "loss.p2set=false", "train.max_weight_norm=10")
+    with pytest.raises(DivergenceError, match=r"the run diverged at epoch 1, step \d+ .*weight norm"):
+        fit(cfg, data)
 
 
 def test_shuffled_batches_cover_every_video_once_and_never_leave_one():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from storage.backbones import BackboneError, ExtractorSettings, FrameEncoder, encode_frames, resolve_weights
-from storage.extraction import LabelFile, list_videos
+from storage.extraction import LabelFile, decode_one, list_videos
 from storage.store import open_store
 from storage.video import VideoError, decode_video, sample_indices, write_synthetic_video
 from storage.writer import SourceError
@@ -63,6 +64,20 @@ def test_unreadable_videos_raise_an_error_naming_the_file(tmp_path):
     for name in ("empty.mp4", "corrupt.mp4", "truncated.mp4"):
         with pytest.raises(VideoError, match=str(tmp_path / name)):
             decode_video(str(tmp_path / name), 8, 56, 48)
+
+
+def test_a_video_that_is_no_regular_file_or_never_ends_is_refused_by_name(tmp_path):
+    settings = ExtractorSettings("vit_b_16", 4, random_seed=0, image_size=16)
+    os.mkfifo(tmp_path / "clip.mp4")
+    (tmp_path / "dir.mp4").mkdir()
+    for name, problem in (("clip.mp4", "a FIFO (named pipe)"), ("dir.mp4", "a folder")):
+        with pytest.raises(VideoError, match=f"{tmp_path / name}: {re.escape(problem)}, not a regular file"):
+            decode_one(str(tmp_path / name), settings)
+    # Through fsspec's local:// the FIFO is opened (as a remote file would be) and blocks: the timeout names it.
+    stalled = f"local://{tmp_path / 'clip.mp4'}"
+    with pytest.raises(VideoError, match=f"{stalled}: decoding did not finish within 0.5 s"):
+        decode_one(stalled, settings, timeout=0.5)
+    os.close(os.open(tmp_path / "clip.mp4", os.O_WRONLY | os.O_NONBLOCK))  # lets the abandoned open return
 
 
 def test_backbones_weights_and_their_errors(tmp_path, monkeypatch):
@@ -211,8 +226,9 @@ def test_extraction_resumes_lists_failures_and_writes_an_ordinary_store(extracte
                             *EXTRACT], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already extracted" in again.stderr, again.stderr[-2000:]
     other = subprocess.run([sys.executable, str(ROOT / "jobs" / "extract.py"), "--videos", str(root / "query"),
-                            "--split", "query", "--out", extracted["store"], *EXTRACT[:-2], "--batch-size", "2",
-                            "--frames", "9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            "--split", "query", "--labels", str(root / "labels.csv"), "--out", extracted["store"],
+                            *EXTRACT[:-2], "--batch-size", "2", "--frames", "9"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
     assert other.returncode == 2 and "extraction.frames" in other.stderr, other.stderr[-2000:]
 
 

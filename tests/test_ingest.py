@@ -423,3 +423,28 @@ def test_option_parsing(tmp_path):
     odd = tmp_path / "a:b.h5"
     odd.touch()
     assert ArraySpec.parse(str(odd), "feats") == ArraySpec(odd, "feats")
+
+
+def _source(name: str, labels: np.ndarray, ids: list[str]) -> writer.SplitSource:
+    feats = np.zeros((len(ids), 2, 4), np.float32)
+    return writer.SplitSource(name, len(ids), f"test {name}", lambda a, b: writer.Block(
+        feats[a:b], labels[a:b], np.array(ids[a:b])))
+
+
+@pytest.mark.parametrize(("labels", "ids", "fragment"), [
+    (np.array([[1, 0, 0]] * 7 + [[255, 0, 0]]), None, "test database: video 7 (split 'database') has label values "
+                                                       "[255]; labels are 0/1 over the store's 3 classes"),
+    (np.array([[0, 0, 0, 1]] * 8), None, "videos 0:4 have labels of shape (4, 4), expected (4, 3)"),
+    (np.eye(3, dtype=np.uint8)[np.arange(8) % 3], [f"v{i}" for i in range(7)] + ["v2"],
+     "test database: video id 'v2' occurs at rows 2, 7 of split 'database'"),
+], ids=["label-255", "a-class-outside-the-width", "repeated-id"])
+def test_the_writer_refuses_bad_labels_and_repeated_ids(tmp_path, labels, ids, fragment):
+    ids = ids or [f"v{i}" for i in range(8)]
+    info = writer.store_info("custom", "query_is_database", 2, 4, 3, "float32", {"train": 8, "database": 8},
+                             chunk_videos=4, shard_videos=4)
+    train = _source("train", np.eye(3, dtype=np.uint8)[np.arange(8) % 3], [f"t{i}" for i in range(8)])
+    with pytest.raises(writer.SourceError) as err:
+        writer.write_store(str(tmp_path / "s"), info, [train, _source("database", labels, ids)], {}, {})
+    assert fragment in str(err.value)
+    with pytest.raises(IncompleteStoreError):
+        open_store(str(tmp_path / "s"))

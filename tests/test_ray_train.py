@@ -45,6 +45,18 @@ def epoch_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def warm_starts(client: MlflowClient, run_id: str, granularity: str) -> dict[int, float]:
+    """Epoch (from 1) → whether that epoch's k-means of ``granularity`` (``k5``) started warm, from the run's
+    ``clustering_rounds.csv``."""
+    import csv
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        with open(client.download_artifacts(run_id, "clustering_rounds.csv", folder)) as table:
+            return {int(row["epoch"]): float(row["warm_start"]) for row in csv.DictReader(table)
+                    if row["granularity"] == granularity}
+
+
 def test_two_worker_run_logs_checkpoints_and_registers(ray_session, tiny_store_url, tmp_path, capsys):
     from cluster.train import run
 
@@ -67,8 +79,7 @@ def test_two_worker_run_logs_checkpoints_and_registers(ray_session, tiny_store_u
     selected = load_model_ref(summary["checkpoint"])  # the checkpoint's selected model, as jobs/evaluate.py loads it
     assert evaluate_on_store(selected, tiny_store_url).map_at_k[5] == pytest.approx(summary["map_at_k"]["5"], abs=1e-12)
     assert epoch_steps(client, run_id, "cluster/kmeans_objective_k5") == [2, 3]  # clustering from the 2nd epoch
-    warm = {m.step: m.value for m in client.get_metric_history(run_id, "cluster/warm_start_k5")}
-    assert warm == {2: 0.0, 3: 1.0}  # the first round is cold, the next starts from it
+    assert warm_starts(client, run_id, "k5") == {2: 0.0, 3: 1.0}  # the first round is cold, the next starts from it
     params = client.get_run(run_id).data.params
     assert params["world_size"] == "2" and params["model.nbits"] == "16"
     names = {a.path for a in client.list_artifacts(run_id)}

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.chaos import HeldClusteringActor, RoundGate, process_cmdlines
 from tests.conftest import ROOT, TINY
-from tests.test_ray_train import epoch_steps, parse, registered_checkpoints
+from tests.test_ray_train import epoch_steps, parse, registered_checkpoints, warm_starts
 
 
 def job_args(tmp: Path, store: str, name: str, epochs: int, *overrides: str) -> list[str]:
@@ -103,7 +103,7 @@ def test_the_clustering_actor_killed_during_a_round_is_restarted_and_the_round_r
     summary = json.loads((tmp_path / "summary.json").read_text())
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert epoch_steps(client, summary["mlflow_run_id"], "cluster/kmeans_objective_k5") == [2, 3]
-    warm = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "cluster/warm_start_k5")}
+    warm = warm_starts(client, summary["mlflow_run_id"], "k5")
     assert warm == {2: 0.0, 3: 1.0}  # the redone first round is cold; the restarted actor starts the next from it
 
 

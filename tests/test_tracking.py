@@ -87,17 +87,21 @@ def test_epoch_metrics_have_steps(store: dict[str, str]) -> None:
     metrics = client.get_run(run.info.run_id).data.metrics
     expected = {"loss/total", "loss/rec", "loss/vc", "loss/p2set", "train/lr", "train/videos_per_s",
                 "train/skipped_steps", "time/train_s", "time/cluster_s", "time/eval_s", "map/at_5", "map/at_20",
-                "map/gmap_l2"} | {f"cluster/{name}_k{k}" for k in (3, 5) for name in (
-                    "kmeans_objective", "kmeans_iterations", "kmeans_seconds", "empty_clusters", "merged_clusters",
-                    "distinct_centers", "warm_start")}
-    assert set(metrics) == expected  # every name in a group the UI charts together
+                "map/gmap_l2", "cluster/kmeans_objective_k3", "cluster/kmeans_objective_k5"}
+    assert set(metrics) == expected  # every name in a group the UI charts together; 2 clustering charts, not 14
     loss = client.get_metric_history(run.info.run_id, "loss/total")
     assert sorted((m.step, m.value) for m in loss) == [(1, 3.0), (2, 2.0), (3, 1.0)]  # epochs counted from 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "cluster/kmeans_objective_k5")] == [2, 3]
     assert metrics["train/videos_per_s"] == pytest.approx(40.0)
-    warm = client.get_metric_history(run.info.run_id, "cluster/warm_start_k3")
-    assert sorted((m.step, m.value) for m in warm) == [(2, 0.0), (3, 1.0)]
-    assert metrics["cluster/kmeans_iterations_k5"] == 4 and metrics["cluster/merged_clusters_k5"] == 2
+
+
+def test_the_clustering_rounds_table_holds_what_is_not_charted_per_epoch() -> None:
+    table = tracking.clustering_rounds_csv(_history(), [3, 5]).splitlines()
+    assert table[0] == ("epoch,granularity,kmeans_objective,kmeans_iterations,kmeans_seconds,empty_clusters,"
+                        "merged_clusters,distinct_centers,warm_start")
+    assert table[1:] == ["2,k3,9,40,0.2,0,0,3,0", "2,k5,19,60,0.3,1,2,2,0",
+                         "3,k3,8,3,0.2,0,0,3,1", "3,k5,18,4,0.3,1,2,2,1"]  # epochs counted from 1
+    assert tracking.clustering_rounds_csv(_history()[:1]) == ""  # no round before the warm-up epoch
 
 
 def test_final_artifacts(store: dict[str, str], tmp_path: Path) -> None:
@@ -107,7 +111,7 @@ def test_final_artifacts(store: dict[str, str], tmp_path: Path) -> None:
         tracking.log_final_artifacts(cfg, history[-1].retrieval, history, tmp_path / "out", "tiny (synthetic)")
     names = {a.path for a in MlflowClient(store["uri"]).list_artifacts(run.info.run_id)}
     assert {"config.yaml", "map_table.json", "map_table.csv", "pr_curve.png", "training_curve.png",
-            "map_by_k.png"} <= names
+            "map_by_k.png", "clustering_rounds.csv"} <= names
     local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=store["uri"],
                                                      dst_path=str(tmp_path / "dl")))
     table = json.loads((local / "map_table.json").read_text())
@@ -162,3 +166,70 @@ def test_logged_model_loads_registers_and_predicts_packed_codes(store: dict[str,
                                                                           cfg.data.feature_size)
     requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text()
     assert "torch==2." in requirements and "numpy==" in requirements and "PyYAML==" in requirements
+
+
+def test_a_rerun_reuses_children_by_name_and_ends_the_stale_ones_killed(store: dict[str, str]) -> None:
+    uri, client = store["uri"], MlflowClient(store["uri"])
+    parent = tracking.create_run(uri, "tests", "abl", artifact_location=store["artifacts"], params={"seeds": "2"})
+    params = {"train.lr": "0.001"}
+    first = tracking.child_run(uri, "tests", "abl-IX-s0", parent, params)
+    client.log_param(first, "train.lr", "0.001")  # what the trial's worker logs
+    second = tracking.child_run(uri, "tests", "abl-II-s0", parent, params)
+    assert second != first and client.get_run(parent).data.params == {"seeds": "2"}
+    assert client.get_run(first).data.tags["mlflow.user"] == tracking.current_user()  # the UI's "Created by"
+    # the job was killed: its children stay RUNNING until a re-run ends them, saying why
+    assert sorted(tracking.end_open_children(uri, parent, "KILLED", "the job was stopped")) == ["abl-II-s0",
+                                                                                              "abl-IX-s0"]
+    killed = client.get_run(first)
+    assert killed.info.status == "KILLED" and killed.data.tags[tracking.END_REASON_TAG] == "the job was stopped"
+    assert client.get_run(parent).info.status == "RUNNING"  # a parent ends only when its trials have
+    assert tracking.end_open_children(uri, parent, "KILLED", "again") == []
+    # the re-run's trials continue their children, one per name; other settings make a new one
+    assert tracking.child_run(uri, "tests", "abl-IX-s0", parent, params) == first
+    assert tracking.child_run(uri, "tests", "abl-II-s0", parent, params) == second
+    assert tracking.child_run(uri, "tests", "abl-IX-s0", parent, {"train.lr": "0.01"}) not in (first, second)
+    tracking.end_run(uri, parent, "KILLED", "stopped")
+    tracking.reopen_run(uri, parent)
+    reopened = client.get_run(parent)
+    assert reopened.info.status == "RUNNING" and tracking.END_REASON_TAG not in reopened.data.tags
+
+
+def test_the_printed_ui_command_serves_a_page_and_stops_on_ctrl_c(store: dict[str, str]) -> None:
+    """The command as :func:`tracking.ui_hint` prints it (on a free port instead of 5000), started from a shell
+    in its own process group as a terminal would, serves the UI and ends, with all its processes, on SIGINT."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    tracking.create_run(store["uri"], "tests", "ui", artifact_location=store["artifacts"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = tracking.ui_command(store["uri"])
+    assert "--workers 1" in command and "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in command
+    proc = subprocess.Popen(["bash", "-c", command.replace("--port 5000", f"--port {port}")], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        page, deadline = "", time.monotonic() + 300
+        while not page and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:  # noqa: S310
+                    page = answer.read().decode()
+            except (urllib.error.URLError, OSError):
+                time.sleep(1)
+        assert "<html" in page.lower(), proc.stderr.read() if proc.poll() is not None else "no page within 300 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+        try:
+            proc.wait(timeout=60)
+        finally:
+            stopped = proc.poll() is not None
+            if not stopped:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert stopped, "the UI did not stop within 60 s of SIGINT"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no uvicorn worker or job runner left behind

@@ -41,7 +41,8 @@ def test_validation_store_holds_out_whole_chunks_of_train_only(store_url, tmp_pa
     assert again.info.sources == carved.info.sources
 
 
-def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, store_url, tmp_path, monkeypatch):
+def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, store_url, tmp_path, monkeypatch,
+                                                                capfd):
     from cluster.tune import add_arguments, run_sweep
 
     parser = argparse.ArgumentParser()
@@ -54,6 +55,11 @@ def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, sto
     for item in [*TINY, "cluster.warmup_epoch=1", "train.test_batch_size=64"]:
         argv += ["--set", item]
     assert run_sweep("ucf101", parser.parse_args(argv)) == 0
+    output = "".join(capfd.readouterr())
+    for noise in ("Trial status", "View detailed results", "tensorboard", "Trial _trial", "(raylet)", "╭"):
+        assert noise not in output, noise  # as quiet as a training job: Ray Tune's reporter stays off
+    trial_lines = [line for line in output.splitlines() if " INFO trial sweep-" in line]
+    assert len(trial_lines) == 3, output[-4000:]  # one line per trial, finished or stopped early
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["finished"] >= 1 and summary["model_uri"] == "models:/tiny-sweep@candidate"
     assert set(summary["best_params"]) >= {"train.lr", "loss.a", "loss.b", "sampler.mask_prob",
@@ -62,6 +68,12 @@ def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, sto
     experiment = client.get_experiment_by_name("tune-tests").experiment_id
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
     assert len(children) == 3
+    statuses = {run.info.run_name: run.info.status for run in children}
+    assert set(statuses.values()) <= {"FINISHED", "KILLED"}, statuses  # none left RUNNING
+    for run in children:  # a trial ASHA stopped says so in its run and on the console
+        stopped = run.info.status == "KILLED"
+        assert stopped == ("stopped after epoch" in run.data.tags.get("autossvh.end_reason", "")), run.data.tags
+        assert stopped == any(f"trial {run.info.run_name} stopped after epoch" in line for line in trial_lines)
     lrs = {float(run.data.params["train.lr"]) for run in children}
     assert len(lrs) == 3  # each trial ran its own sampled configuration
     assert all(client.get_metric_history(run.info.run_id, "map/at_5") for run in children)
