@@ -4,9 +4,10 @@ A config is built in this order, each step overriding the previous one:
 
 1. the dataset preset (``activitynet``, ``fcvid``, ``ucf101``, ``hmdb51``), holding the values of the released
    configs ``configs/AutoSSVH_{act,fcv,ucf,hmdb}.py`` (REFERENCE.md §5);
-2. the recipe: ``paper`` (default: adversarial sampler, P2Set against component-voted binary centres) or
+2. the recipe: ``paper`` (default: adversarial sampler, P2Set against component-voted binary centres),
    ``released`` (random complementary masks, prototype loss against continuous centroids, cold k-means every
-   round, as coded upstream);
+   round, as coded upstream) or ``focused`` (beyond the paper: salience pooling, centres fixed from the pooled
+   input, independent random masks; :mod:`autossvh.salience`, :mod:`autossvh.anchors`);
 3. a YAML file of nested sections or dotted keys;
 4. ``key=value`` overrides (``train.lr=5e-4``, ``cluster.num_cluster=[250,400,600]``).
 
@@ -16,7 +17,8 @@ Table 3 is a switch: ``sampler.grl=false`` (I), ``sampler.kind=random`` (II), ``
 (VI), ``loss.view_contrastive=false`` (VII), ``loss.p2set=false`` (VIII).
 
 A key set explicitly (YAML or override) that does nothing under the rest of the config (``sampler.tau`` with
-the random sampler, ``loss.b`` without P2Set, ...) is named in a warning (:func:`inert_keys`).
+the random sampler, ``loss.b`` without P2Set, ...) is named in a warning (:func:`inert_keys`); for the switches
+beyond the paper (``salience.*``, ``sampler.kind=independent|salience``, ``loss.centers=input``) it is refused.
 
 Where the paper and the released config disagree, the presets keep the released value (FCVID: ``a = 1.0``
 and ``num_cluster = [250, 500, 1000]``; the paper states ``a = 0.2`` and ``[250, 400, 600]``; ActivityNet:

@@ -331,3 +331,24 @@ def precision_recall_by_radius(
     precision = prec_sum / q.shape[0]
     recall = rec_sum / n_with_rel if n_with_rel else np.full(nbits + 1, np.nan)
     return np.arange(nbits + 1, dtype=np.int64), precision, recall
+
+
+def knn_agreement(codes: np.ndarray, features: np.ndarray, k: int = 10) -> float:
+    """Label-free model selection: the mean share of each video's ``k`` nearest neighbours by Hamming distance of
+    ``codes`` (N, nbits) in {-1, 0, +1} that are also among its ``k`` nearest by cosine of the pooled input
+    ``features`` (N, F) centred on their mean (the video itself left out of both). 1 when the codes keep the
+    input's neighbourhoods; about k / N for unrelated codes. Hamming ties are broken by index."""
+    n = len(codes)
+    if n <= k:
+        raise ValueError(f"knn_agreement: {n} videos, need more than k = {k}")
+    c = codes.astype(np.float32)
+    hamming = -(c @ c.T)  # rank-equivalent to the Hamming distance for codes of equal length
+    centred = features - features.mean(0)
+    z = centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+    cosine = -(z @ z.T)
+    np.fill_diagonal(hamming, np.inf)
+    np.fill_diagonal(cosine, np.inf)
+    by_code = np.argsort(hamming, axis=1, kind="stable")[:, :k]
+    by_input = np.argpartition(cosine, k, axis=1)[:, :k]
+    shared = [len(np.intersect1d(a, b, assume_unique=True)) for a, b in zip(by_code, by_input, strict=True)]
+    return float(np.mean(shared) / k)

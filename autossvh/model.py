@@ -267,6 +267,8 @@ class AutoSSVH(nn.Module):
         hash_layer: ``released`` (binary frames, mean) or ``paper`` (tanh frames, sign of the mean).
         sampler.kind, mask_prob (K = int(mask_prob * T) hidden frames per view), grl, tau (Gumbel noise level),
         reconstruction_weight (selection-weighted reconstruction errors).
+        pooling: ``mean`` or ``salience`` (frame-salience weights, ``cfg.salience``; the bank is filled by
+        ``model.salience.fit`` before training and saved with the weights).
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -317,7 +319,7 @@ class AutoSSVH(nn.Module):
     def frame_logits(self, x: Tensor) -> Tensor:
         """Grade-Net's logit of every frame (B, T, F) → (B, T); the adversarial sampler only."""
         if self.encoder.grade_net is None:
-            raise ValueError("frame_logits: this model has no Grade-Net (sampler.kind=random)")
+            raise ValueError(f"frame_logits: this model has no Grade-Net (sampler.kind={self.cfg.sampler.kind})")
         return self.encoder.grade_net(self.encoder.embed(x) + self.encoder.pos).float()
 
     def sample_views(self, embedded: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -51,7 +51,7 @@ import numpy as np
 from autossvh.config import Config, config_from_dict
 from cluster import tracking
 from cluster.cli import config_from_args
-from cluster.preflight import check_count, check_destinations, check_training_inputs
+from cluster.preflight import check_count, check_destinations, check_run_options, check_training_inputs
 from cluster.reference_codes import ReferenceRow, reference_rows
 from cluster.runtime import (
     TRIAL_DRIVER_CPUS,
@@ -359,6 +359,7 @@ def plan_ablation(dataset: str, args: argparse.Namespace) -> AblationPlan:
         row_definition(row)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    check_run_options(args)
     check_count(args.max_concurrent, "--max-concurrent", 1)
     local = local_resources(min_cpus(args), args.num_cpus)
     if local is not None:  # the local Ray's resources are known before it starts

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from cluster.cli import add_model_arguments
+from cluster.preflight import check_evaluation_options
 from cluster.retrieval import encode_to_code_store, load_model_ref, model_path
 from cluster.runtime import absolute_uri, configure_logging, init_ray
 from storage.schema import SPLITS
@@ -29,6 +30,7 @@ def main(args: argparse.Namespace) -> int:
     """Encode ``--split`` of ``--data`` into ``--out``; exit status 2 on bad input (nothing marked complete)."""
     configure_logging(args.verbose)
     try:
+        check_evaluation_options(args)
         check_apart({"--out": args.out}, {"--data": args.data, "--model": model_path(args.model)})
         options = storage_options_from(args.storage_options)
         out_options = storage_options_from(args.out_storage_options)

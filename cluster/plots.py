@@ -150,3 +150,31 @@ def sampler_deciles(history: Sequence[EpochRecord], uniform: float, path: str | 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def informative_precision(history: Sequence[EpochRecord], path: str | Path) -> Path | None:
+    """By epoch: the share of the hidden frames and of the pooling weight on frames that show the class, against
+    their base rate (generated stores only); None when the data records no class frames."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    records = [r for r in history if r.sampler is not None and not np.isnan(r.sampler.informative_rate)]
+    if not records:
+        return None
+    epochs = [r.epoch + 1 for r in records]
+    fig = Figure(figsize=(6.4, 4.2), dpi=DPI)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(epochs, [r.sampler.pooling_precision for r in records], marker="o", linewidth=1.6,
+            label="pooling weight on class frames")
+    ax.plot(epochs, [r.sampler.hidden_precision for r in records], marker="s", linewidth=1.2,
+            label="hidden frames that show the class")
+    ax.plot(epochs, [r.sampler.informative_rate for r in records], color="grey", linestyle="--", linewidth=1.0,
+            label="base rate (share of class frames)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("informative-frame precision")
+    ax.set_ylim(0, 1)
+    ax.set_title("Does the model choose the frames that show the class? (probe videos)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -2,7 +2,11 @@
 
 Each check raises a ``ValueError`` subclass (:class:`PreflightError` for a config that cannot train on this store
 or a destination that cannot be written, :class:`~storage.store.StoreError` for a damaged or inconsistent store),
-which the training entry turns into exit status 2 before anything is started or written. What is already refused
+which the training entry turns into exit status 2 before anything is started or written. Besides the config and
+the store: what the options name, point at or request (:func:`check_run_options`, :func:`check_evaluation_options`):
+names by ``NAME_RULE``, tracking URIs (``TRACKING_SCHEMES``; a SQLite path that is a folder or not SQLite), every
+output's destination (also checked by ``cluster.cli.JobParser`` as the options are parsed), ``--device``, worker
+and resource counts, and on resume that the checkpoint's MLflow run is in the given store. What is already refused
 elsewhere: an incomplete or missing store and an empty split (``storage.store.open_store``), ``model.nbits`` not
 a multiple of 8, non-finite numbers and other bad values (``autossvh.config``), NaN/Inf features (the store
 writer, while ingesting or generating; every reader, where they were written past it), damage inside a chunk

@@ -37,8 +37,9 @@ def write_result_files(cfg: Config, retrieval: Retrieval, history: Sequence[Epoc
                        out_dir: str | Path, title: str) -> dict[str, Path]:
     """Write the result files into ``out_dir``: ``config.yaml`` (resolved config), ``map_table.json``,
     ``map_table.csv``, ``map_table.txt``, ``map_by_k.png``, ``pr_curve.png`` when the retrieval has
-    precision/recall, and with a history ``training_curve.png`` and (adversarial sampler)
-    ``sampler_deciles.png``. ``title`` names the data and model in the figures. Returns name → path."""
+    precision/recall, and with a history ``training_curve.png``, (adversarial sampler) ``sampler_deciles.png``
+    and (generated data, which records the class frames) ``informative_precision.png``. ``title`` names the data
+    and model in the figures. Returns name → path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -58,6 +59,9 @@ def write_result_files(cfg: Config, retrieval: Retrieval, history: Sequence[Epoc
         deciles = plots.sampler_deciles(history, cfg.num_hidden / cfg.data.max_frames, out / "sampler_deciles.png")
         if deciles is not None:
             paths["sampler_deciles"] = deciles
+        precision = plots.informative_precision(history, out / "informative_precision.png")
+        if precision is not None:
+            paths["informative_precision"] = precision
     return paths
 
 

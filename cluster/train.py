@@ -75,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-failures", type=int, default=1,
                         help="worker-group restarts from the last checkpoint (-1: without limit)")
     parser.add_argument("--selection", choices=SELECTIONS, default="last",
-                        help="model to evaluate and log at the end: the last epoch's or the best mAP@5 evaluated")
+                        help="model to evaluate and log at the end: the last epoch's; best-map5: the best mAP@5 on "
+                        "the TEST queries (as the published numbers select); knn-agreement: label-free, the epoch "
+                        "whose codes best keep the pooled inputs' 10 nearest neighbours on 256 training videos")
     parser.add_argument("--mlflow-uri", default="sqlite:///runs/mlflow.db", help="MLflow tracking URI")
     parser.add_argument("--mlflow-artifacts", default="runs/mlartifacts",
                         help="artifact folder of a newly created experiment (local tracking)")

@@ -90,23 +90,28 @@ class TrialTrail(Callback):
         self.start = self.last_progress = time.monotonic()
         self.finished = self.stopped = self.failed = 0
 
-    def _child_status(self, name: str) -> tuple[str, str] | None:
-        """(run id, status) of the trial's child run, None before its Train run created it."""
-        runs = tracking.children(self.tracking_uri, self.parent_run_id, name)
-        return (runs[0].info.run_id, runs[0].info.status) if runs else None
+    def _end_if_running(self, name: str, status: str, reason: str) -> bool:
+        """End the trial's child run as ``status`` with ``reason`` if it is still RUNNING; True if it was. An MLflow
+        error is logged, not raised: raised in a Tune callback, it would end every trial of the job."""
+        try:
+            running = tracking.children(self.tracking_uri, self.parent_run_id, name, status="RUNNING")
+            for run in running:
+                tracking.end_run(self.tracking_uri, run.info.run_id, status, reason)
+        except Exception as err:  # bookkeeping must not stop the trials
+            log.warning("could not end the MLflow run of trial %s (%s: %s); it may stay RUNNING", name,
+                        type(err).__name__, err)
+            return False
+        return bool(running)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         """A trial that returned has a FINISHED child run (its Train run ended it); one whose run is still RUNNING
         was stopped before its end by the scheduler, and its run ends KILLED with the reason."""
         name, result = self.run_name(trial), trial.last_result or {}
-        child = self._child_status(name)
-        seconds = result.get("time_total_s", 0.0)
-        if child is not None and child[1] == "RUNNING":
+        seconds, epoch = result.get("time_total_s", 0.0), result.get("epoch")
+        when = f"after epoch {int(epoch) + 1} of {self.epochs}" if isinstance(epoch, (int, float)) else "early"
+        reason = f"stopped {when} by {self.stopper or 'the Tune scheduler'}: {_scores(result)}"
+        if self._end_if_running(name, "KILLED", reason):
             self.stopped += 1
-            epoch = result.get("epoch")
-            when = f"after epoch {int(epoch) + 1} of {self.epochs}" if isinstance(epoch, (int, float)) else "early"
-            reason = f"stopped {when} by {self.stopper or 'the Tune scheduler'}: {_scores(result)}"
-            tracking.end_run(self.tracking_uri, child[0], "KILLED", reason)
             log.info("trial %s %s (%s); MLflow run KILLED", name, reason, _duration(seconds))
             return
         self.finished += 1
@@ -116,10 +121,19 @@ class TrialTrail(Callback):
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         name, error = self.run_name(trial), _error_line(trial)
         self.failed += 1
-        child = self._child_status(name)
-        if child is not None and child[1] == "RUNNING":
-            tracking.end_run(self.tracking_uri, child[0], "FAILED", error)
+        self._end_if_running(name, "FAILED", error)
         log.error("trial %s failed: %s (its log: %s)", name, error, trial.path)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        """Every trial has ended: a child run still RUNNING now (its trial's end was missed) ends KILLED."""
+        try:
+            left = tracking.end_open_children(self.tracking_uri, self.parent_run_id, "KILLED",
+                                              "still RUNNING when its Tune run ended")
+        except Exception as err:  # bookkeeping must not hide the results
+            log.warning("could not check the trials' MLflow runs (%s: %s)", type(err).__name__, err)
+            return
+        if left:
+            log.warning("MLflow runs still RUNNING after their trials ended, now KILLED: %s", ", ".join(left))
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         now = time.monotonic()

@@ -43,7 +43,7 @@ from typing import Any
 
 from autossvh.config import Config, config_from_dict, set_value
 from cluster import tracking
-from cluster.preflight import check_count, check_destinations, check_training_inputs
+from cluster.preflight import check_count, check_destinations, check_run_options, check_training_inputs
 from cluster.runtime import (
     TRIAL_DRIVER_CPUS,
     absolute_path,
@@ -167,6 +167,7 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     name = args.name or f"{dataset}-sweep"
     try:
+        check_run_options(args)
         check_count(args.max_concurrent, "--max-concurrent", 1)
         local = local_resources(min_cpus(args), args.num_cpus)
         if local is not None:  # the local Ray's resources are known before it starts

@@ -47,6 +47,7 @@ from autossvh.engine import (
     train_one_epoch,
 )
 from autossvh.losses import ClusterTargets
+from autossvh.metrics import knn_agreement
 from autossvh.model import AutoSSVH, leaves_parameters_unused
 from autossvh.salience import bank_rows
 from autossvh.trainer import EpochRecord, epoch_line, run_epoch
@@ -69,7 +70,8 @@ log = logging.getLogger(__name__)
 
 CLUSTER_ATTEMPTS = 3  # clustering rounds tried per epoch when the actor dies
 ACTOR_RESTART_TIMEOUT_S = 300.0  # how long a rank waits for a restarting clustering actor before its next attempt
-SELECTIONS = ("last", "best-map5")
+SELECTIONS = ("last", "best-map5", "knn-agreement")
+KNN_AGREEMENT_K = 10
 
 
 @dataclass
@@ -288,13 +290,16 @@ class TrainWorker:
         previous = self.state
         history = [*(previous.history if previous else []), record]
         best = (previous.best_epoch, previous.best_map5, previous.best_model) if previous else (-1, -1.0, None)
-        if record.retrieval is not None and record.retrieval.map_at_k[5] > best[1]:
-            kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()} \
-                if self.wc.selection == "best-map5" else None
-            best = (record.epoch, record.retrieval.map_at_k[5], kept)
+        agreement = None
         if record.retrieval is not None:
+            agreement = self._knn_agreement()
+            score = agreement if self.wc.selection == "knn-agreement" else record.retrieval.map_at_k[5]
+            if score > best[1]:
+                kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()} \
+                    if self.wc.selection != "last" else None
+                best = (record.epoch, score, kept)
             metrics |= {f"map_at_{k}": v for k, v in record.retrieval.map_at_k.items()}
-            metrics["gmap_l2"] = record.retrieval.gmap_l2
+            metrics |= {"gmap_l2": record.retrieval.gmap_l2, "knn_agreement": agreement}
         self.state = TrainState(
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), epoch=record.epoch, config=self.cfg.to_dict(),
@@ -306,6 +311,10 @@ class TrainWorker:
                                  "lost; keeping those metrics")
         else:
             tracking.log_epoch(record, num_cluster=self.cfg.cluster.num_cluster)
+            if agreement is not None:
+                import mlflow
+
+                mlflow.log_metric("map/knn_agreement", agreement, step=tracking.epoch_step(record.epoch))
 
     # ----- EpochSteps -----------------------------------------------------------------------------------------
 
@@ -324,6 +333,13 @@ class TrainWorker:
                                             encoded, self.console, previous, self.actor_has_previous)
         self.actor_has_previous = True
         return self.last_result
+
+    def _knn_agreement(self) -> float:
+        """The label-free selection score (:func:`autossvh.metrics.knn_agreement`) of the current model on the
+        probe videos of the train split (rank 0): their codes' neighbours against their pooled inputs'."""
+        feats = self.probe[0]
+        codes = encode(self.model, [feats], self.device).codes
+        return knn_agreement(codes, pooled_inputs(self.model, [feats], self.device), KNN_AGREEMENT_K)
 
     def _input_centers(self) -> ClusteringResult:
         """The fixed centres of ``loss.centers=input`` (:mod:`autossvh.anchors`): every rank pools its block of the
@@ -389,7 +405,7 @@ class TrainWorker:
         import ray.train
 
         chosen = None
-        if self.rank == 0 and self.wc.selection == "best-map5" and self.state.best_epoch != self.state.epoch:
+        if self.rank == 0 and self.wc.selection != "last" and self.state.best_epoch != self.state.epoch:
             chosen = self.state.best_model
         chosen = broadcast_from_rank0(chosen)
         model = self.model

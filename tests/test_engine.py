@@ -149,7 +149,8 @@ def test_a_diverging_epoch_stops_the_run_naming_epoch_step_and_value():
         check_divergence(cfg, 0, _epoch(0.0, steps=0, skipped=4), model)
     with torch.no_grad():
         next(model.parameters()).mul_(1e30)  # what train.lr=1e30 did in one step
-    with pytest.raises(DivergenceError, match=r"epoch 2, step 13 .*weight norm \d\.\d+e\+\d\d > train.max_weight_norm=10000"):
+    with pytest.raises(DivergenceError,
+                       match=r"epoch 2, step 13 .*weight norm \d\.\d+e\+\d\d > train.max_weight_norm=10000"):
         check_divergence(cfg, 1, _epoch(12.5), model)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))

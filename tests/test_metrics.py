@@ -355,3 +355,18 @@ def test_other_functions_reject_bad_inputs(tmp_path) -> None:
         hamming_ranking(q, db, 7)
     with pytest.raises(ValueError, match="empty"):
         gmap_l2({})
+
+
+def test_knn_agreement_is_one_for_codes_that_keep_the_input_neighbours_and_low_for_unrelated_codes():
+    from autossvh.metrics import knn_agreement
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 32))
+    features = np.repeat(centres, 11, axis=0) + 0.05 * rng.normal(size=(88, 32))  # groups of k + 1
+    projection = rng.normal(size=(32, 64))
+    kept = np.where((features - features.mean(0)) @ projection > 0, 1, -1).astype(np.int8)
+    unrelated = np.where(rng.random((88, 64)) < 0.5, 1, -1).astype(np.int8)
+    assert knn_agreement(kept, features, k=10) > 0.9  # each video's 10 neighbours: the rest of its group
+    assert knn_agreement(unrelated, features, k=10) < 0.2
+    with pytest.raises(ValueError, match="need more than k"):
+        knn_agreement(kept[:5], features[:5], k=10)

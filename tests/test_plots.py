@@ -28,7 +28,8 @@ def _history(evaluated: tuple[int, ...] = (1, 3)) -> list[EpochRecord]:
     for epoch in range(4):
         stats = EpochStats(loss=10.0 - epoch, rec=8.0 - epoch, vc=2.0, p2set=1.5 if epoch >= 2 else 0.0, steps=5,
                            skipped_steps=0, videos=320, seconds=1.0)
-        sampler = SamplerDiagnostics(0.1 * epoch, 0.5, 0.0, list(np.linspace(0.3, 0.6, 10)))
+        sampler = SamplerDiagnostics(0.1 * epoch, 0.5, 0.0, list(np.linspace(0.3, 0.6, 10)), 0.2, 0.25,
+                                     0.2 + 0.1 * epoch)
         records.append(EpochRecord(epoch, 1e-3, stats, retrieval=_retrieval(epoch) if epoch in evaluated else None,
                                    sampler=sampler))
     return records
@@ -57,12 +58,14 @@ def test_map_by_k_training_curves_and_deciles_are_written(tmp_path):
                                                                                    [np.nan] * 10))
                       for r in _history()]
     assert plots.sampler_deciles(random_sampler, 0.5, tmp_path / "none.png") is None
+    _png(plots.informative_precision(_history(), tmp_path / "p.png"))
+    assert plots.informative_precision(random_sampler, tmp_path / "none.png") is None  # no class frames recorded
 
 
 def test_result_files_hold_tables_and_figures(tmp_path):
     paths = write_result_files(tiny_config(), _retrieval(0), _history(), tmp_path, "toy (synthetic)")
     assert set(paths) == {"config", "map_json", "map_csv", "map_txt", "map_by_k", "pr_curve", "training_curve",
-                          "sampler_deciles"}
+                          "sampler_deciles", "informative_precision"}
     assert (tmp_path / "map_table.txt").read_text().startswith("toy (synthetic)")
     without_history = write_result_files(tiny_config(), _retrieval(0), [], tmp_path / "eval", "toy")
     assert "training_curve" not in without_history and "pr_curve" in without_history

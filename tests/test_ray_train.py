@@ -87,6 +87,21 @@ def test_two_worker_run_logs_checkpoints_and_registers(ray_session, tiny_store_u
     version = client.get_model_version_by_alias("tiny-ucf", "candidate")
     assert version.run_id == run_id
     assert (tmp_path / "ray" / "tiny").is_dir()
+    agreement = {m.step: m.value for m in client.get_metric_history(run_id, "map/knn_agreement")}
+    assert sorted(agreement) == [2, 3] and all(0 < v <= 1 for v in agreement.values())
+
+
+def test_the_label_free_selection_picks_the_epoch_of_best_knn_agreement(ray_session, tiny_store_url, tmp_path):
+    from cluster.train import run
+
+    argv = [*job_args(tmp_path, tiny_store_url, "select"), "--selection", "knn-agreement", "--set",
+            "train.eval_every=1"]
+    assert run("ucf101", parse(argv)) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    agreement = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "map/knn_agreement")}
+    assert sorted(agreement) == [1, 2, 3]
+    assert summary["selected_epoch"] == max(agreement, key=lambda step: (agreement[step], -step))
 
 
 def registered_checkpoints(run_dir: Path) -> set[str]:

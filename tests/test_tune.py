@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -42,8 +43,10 @@ def test_validation_store_holds_out_whole_chunks_of_train_only(store_url, tmp_pa
 
 
 def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, store_url, tmp_path, monkeypatch,
-                                                                capfd):
+                                                                capfd, caplog):
     from cluster.tune import add_arguments, run_sweep
+
+    caplog.set_level(logging.INFO, logger="cluster.trials")
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -58,8 +61,8 @@ def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, sto
     output = "".join(capfd.readouterr())
     for noise in ("Trial status", "View detailed results", "tensorboard", "Trial _trial", "(raylet)", "╭"):
         assert noise not in output, noise  # as quiet as a training job: Ray Tune's reporter stays off
-    trial_lines = [line for line in output.splitlines() if " INFO trial sweep-" in line]
-    assert len(trial_lines) == 3, output[-4000:]  # one line per trial, finished or stopped early
+    trial_lines = [line for line in caplog.messages if line.startswith("trial sweep-")]
+    assert len(trial_lines) == 3, caplog.messages  # one line per trial, finished or stopped early
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["finished"] >= 1 and summary["model_uri"] == "models:/tiny-sweep@candidate"
     assert set(summary["best_params"]) >= {"train.lr", "loss.a", "loss.b", "sampler.mask_prob",
@@ -82,3 +85,46 @@ def test_sweep_runs_trials_logs_children_and_registers_the_best(ray_session, sto
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.metrics["best_map_at_5"] == pytest.approx(max(
         run.data.metrics["map/at_5"] for run in children if run.info.status == "FINISHED"), abs=1e-9)
+
+
+def test_trials_that_asha_stops_end_killed_with_the_reason(ray_session, tmp_path, caplog):
+    """Real Ray Tune under ASHA with a tiny function trial that keeps its own MLflow child run (as a sweep's Train
+    run does): the trials ASHA stops end KILLED, saying when and at what score; the one that runs out ends
+    FINISHED; each says so in one line."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from cluster import tracking
+    from cluster.trials import TrialTrail, tune_run_options
+
+    caplog.set_level(logging.INFO, logger="cluster.trials")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = tracking.create_run(uri, "asha", "sweep", artifact_location=(tmp_path / "art").as_uri())
+
+    def trial(config: dict) -> None:
+        run_id = tracking.child_run(uri, "asha", f"sweep-{tune.get_context().get_trial_id()}", parent, {})
+        for epoch in range(4):
+            tune.report({"epoch": epoch, "map_at_5": config["quality"] * (epoch + 1)})
+        tracking.end_run(uri, run_id, "FINISHED")  # as a Train run that ran all its epochs
+
+    trail = TrialTrail(uri, parent, 3, lambda t: f"sweep-{t.trial_id}", 4, stopper="ASHA")
+    grid = tune.Tuner(
+        tune.with_resources(trial, {"CPU": 0.25}),
+        param_space={"quality": tune.grid_search([0.5, 0.1, 0.05])},  # the first sets the bar the others miss
+        tune_config=tune.TuneConfig(metric="map_at_5", mode="max", max_concurrent_trials=1,
+                                    scheduler=ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1,
+                                                            reduction_factor=2)),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="asha", callbacks=[trail],
+                                  **tune_run_options(False)),
+    ).fit()
+    assert grid.num_errors == 0
+    runs = {run.info.run_name: run for run in tracking.children(uri, parent)}
+    status = {name: run.info.status for name, run in runs.items()}
+    assert sorted(status.values()) == ["FINISHED", "KILLED", "KILLED"], status
+    for name, run in runs.items():
+        reason = run.data.tags.get(tracking.END_REASON_TAG, "")
+        if run.info.status == "KILLED":
+            assert reason.startswith("stopped after epoch 2 of 4 by ASHA: mAP@5 "), reason
+            assert any(line.startswith(f"trial {name} {reason}") for line in caplog.messages), caplog.messages
+        else:
+            assert not reason and any(line.startswith(f"trial {name} finished") for line in caplog.messages)
