@@ -28,7 +28,7 @@ from autossvh.config import Config, load_yaml, parse_overrides
 from autossvh.metrics import DEFAULT_KS
 from storage.reader import videos_per_rank
 from storage.schema import stored_split
-from storage.store import READ_ERRORS, FeatureStore, StoreError, StoreInfo, verify_shards
+from storage.store import FeatureStore, StoreError, StoreInfo, verify_shards
 
 SHAPE_KEYS = ("data.feature_size", "data.max_frames")
 # Names a user gives (--name, --register; --experiment also with '/'): the documented rule.
@@ -42,7 +42,6 @@ EXPERIMENT_RULE = (f"use 1 to {MAX_NAME_LENGTH} characters: letters, digits, '.'
 # MLflow tracking URI schemes a job accepts (a "+driver" suffix allowed, e.g. postgresql+psycopg2), and "databricks".
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 SQLITE_HEADER = b"SQLite format 3\x00"
-LABEL_BLOCK_ROWS = 1 << 16  # rows of labels read at a time when looking for videos without a label
 
 
 class PreflightError(ValueError):
@@ -330,12 +329,7 @@ def check_eval_labels(store: FeatureStore) -> None:
                              f"evaluation needs the {role} labels; re-ingest it with its label file")
         labels = store.split(role).labels
         unlabelled, first = 0, -1
-        for start in range(0, labels.shape[0], LABEL_BLOCK_ROWS):
-            stop = min(start + LABEL_BLOCK_ROWS, labels.shape[0])
-            try:
-                block = np.asarray(labels[start:stop])
-            except READ_ERRORS as err:
-                raise store.read_error(role, "labels", start, stop, err) from err
+        for start, block in store.label_blocks(role):
             empty = ~block.any(axis=1)
             if first < 0 and empty.any():
                 first = start + int(np.flatnonzero(empty)[0])

@@ -527,6 +527,18 @@ class FeatureStore:
         if rows.size:
             raise self.nonfinite_error(name, start + rows)
 
+    def label_blocks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        """The labels of split ``name``, ``LABEL_BLOCK_ROWS`` rows at a time, each block with its first row; a
+        damaged chunk raises the error of :meth:`read_error`, naming the rows."""
+        labels = self.split(name).labels
+        for start in range(0, labels.shape[0], LABEL_BLOCK_ROWS):
+            stop = min(start + LABEL_BLOCK_ROWS, labels.shape[0])
+            try:
+                block = np.asarray(labels[start:stop])
+            except READ_ERRORS as err:
+                raise self.read_error(name, "labels", start, stop, err) from err
+            yield start, block
+
     def check_labels(self, name: str) -> None:
         """Refuse label values other than 0 and 1 in split ``name`` (:func:`bad_label_rows`), naming the videos;
         an unlabelled split holds zeros and passes."""
@@ -535,12 +547,7 @@ class FeatureStore:
         stored = stored_split(self.info.protocol, name)
         labels = self.split(name).labels
         bad: list[int] = []
-        for start in range(0, labels.shape[0], LABEL_BLOCK_ROWS):
-            stop = min(start + LABEL_BLOCK_ROWS, labels.shape[0])
-            try:
-                block = np.asarray(labels[start:stop])
-            except READ_ERRORS as err:
-                raise self.read_error(name, "labels", start, stop, err) from err
+        for start, block in self.label_blocks(name):
             bad += (start + bad_label_rows(block)).tolist()
         if bad:
             ids = self.group[stored]["video_ids"]
