@@ -62,9 +62,11 @@ def sampler_diagnostics(model: AutoSSVH, feats: Tensor, frame_signal: np.ndarray
     x = feats.to(device).float()
     b, t, _ = x.shape
     embedded = model.encoder.embed(x) + model.encoder.pos
+    scores = model.salience_scores(x)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training's stream untouched
         torch.manual_seed(0)
-        hidden = torch.stack([model.sample_views(embedded, x)[0].view(2, b, t) for _ in range(draws)]).float().cpu()
+        hidden = torch.stack([model.sample_views(embedded, scores)[0].view(2, b, t)
+                              for _ in range(draws)]).float().cpu()
     k = model.cfg.num_hidden
     overlap = float((hidden[:, 0] * hidden[:, 1]).sum(-1).mean() / k)
     p_hidden = hidden.mean(dim=(0, 1))  # (B, T)
@@ -82,7 +84,7 @@ def sampler_diagnostics(model: AutoSSVH, feats: Tensor, frame_signal: np.ndarray
         if signal.std() > 0 and flags.std() > 0:
             correlation = float(np.corrcoef(flags, signal)[0, 1])
         informative = np.asarray(frame_signal, dtype=np.float64) >= 0.5  # (B, T)
-        weights = model.pooling_weights(x)
+        weights = model.pooling_weights(x, scores)
         weights = np.full(informative.shape, 1.0 / t) if weights is None else weights.double().cpu().numpy()
         rate = float(informative.mean())
         hidden_precision = float((flags * np.broadcast_to(informative, hidden.shape).ravel()).sum() / flags.sum())

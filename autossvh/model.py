@@ -296,10 +296,17 @@ class AutoSSVH(nn.Module):
         return torch.tanh(u) if self.cfg.model.hash_layer == "paper" else binarize(u)
 
     @torch.no_grad()
-    def pooling_weights(self, x: Tensor) -> Tensor | None:
-        """Salience pooling weights (B, T) of raw features (B, T, F) under ``model.pooling=salience``; None for
-        the uniform mean."""
-        return self.salience.weights(x) if self.cfg.model.pooling == "salience" else None
+    def salience_scores(self, x: Tensor) -> Tensor | None:
+        """Frame salience (B, T) of raw features (B, T, F) where the model uses it (:func:`uses_salience`)."""
+        return None if self.salience is None else self.salience.scores(x)
+
+    @torch.no_grad()
+    def pooling_weights(self, x: Tensor, scores: Tensor | None = None) -> Tensor | None:
+        """Salience pooling weights (B, T) of raw features (B, T, F) under ``model.pooling=salience``, from their
+        ``scores`` when already computed; None for the uniform mean."""
+        if self.cfg.model.pooling != "salience":
+            return None
+        return self.salience.weights(self.salience.scores(x) if scores is None else scores)
 
     def view_codes(self, frame_codes: Tensor, weights: Tensor | None = None) -> Tensor:
         """A view's training code from its frame codes (N, n, nbits): the mean (released) or its sign (paper).
@@ -322,9 +329,9 @@ class AutoSSVH(nn.Module):
             raise ValueError(f"frame_logits: this model has no Grade-Net (sampler.kind={self.cfg.sampler.kind})")
         return self.encoder.grade_net(self.encoder.embed(x) + self.encoder.pos).float()
 
-    def sample_views(self, embedded: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Hidden masks (2B, T) for the two views of embedded frames (B, T, hidden) of raw features ``x`` (B, T, F)
-        and, for the adversarial sampler, the STE selection (2B, T)."""
+    def sample_views(self, embedded: Tensor, scores: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Hidden masks (2B, T) for the two views of embedded frames (B, T, hidden), given the frames' salience
+        ``scores`` (:meth:`salience_scores`), and, for the adversarial sampler, the STE selection (2B, T)."""
         b, t, _ = embedded.shape
         k = self.cfg.num_hidden
         s = self.cfg.sampler
@@ -333,7 +340,7 @@ class AutoSSVH(nn.Module):
         if s.kind == "independent":
             return independent_masks(embedded.new_zeros(b, t), k, 1.0), None
         if s.kind == "salience":
-            return independent_masks(standardize(self.salience.scores(x)), k, s.tau), None
+            return independent_masks(standardize(scores), k, s.tau), None
         logits = standardize(self.encoder.grade_net(embedded.detach()).float()).repeat(2, 1)  # fp32 under autocast
         hard, selection = gumbel_topk(logits, k, s.tau)
         if s.grl:
@@ -355,7 +362,8 @@ class AutoSSVH(nn.Module):
         if self.training and self.cfg.data.data_drop_rate > 0.01:
             source = F.dropout(x, self.cfg.data.data_drop_rate)
         embedded = self.encoder.embed(source) + self.encoder.pos
-        hidden, selection = self.sample_views(embedded, x)
+        scores = self.salience_scores(x)  # once per batch, for the sampler and the pooling
+        hidden, selection = self.sample_views(embedded, scores)
         order = hidden.to(torch.uint8).argsort(dim=1, stable=True)  # visible frames first, each in time order
         visible_idx, hidden_idx = order[:, : t - k], order[:, t - k:]
         rows = torch.arange(2 * b, device=x.device)[:, None]
@@ -367,7 +375,7 @@ class AutoSSVH(nn.Module):
             tokens = tokens * gate.unsqueeze(-1)
             if self.cfg.sampler.reconstruction_weight:
                 frame_weight = selection[rows, hidden_idx]
-        pooling = self.pooling_weights(x)
+        pooling = self.pooling_weights(x, scores)
         if pooling is not None:
             pooling = pooling.repeat(2, 1)[rows, visible_idx]
             gate = pooling if gate is None else gate * pooling

@@ -77,6 +77,12 @@ class FrameSalience(nn.Module):
         self.bank.copy_(self._embed(frames))
         self.fitted.fill_(True)
 
+    def fit_from(self, videos: np.ndarray, seed: int, chunk: int = 1) -> None:
+        """:meth:`fit` on the rows of ``videos`` (N, T, F), any array that takes an index array (numpy, Zarr),
+        that :func:`bank_rows` picks with ``seed`` in whole chunks of ``chunk`` videos."""
+        rows = bank_rows(videos.shape[0], self.cfg.bank_videos, seed, chunk)
+        self.fit(np.asarray(videos[rows]), seed)
+
     def _embed(self, frames: Tensor) -> Tensor:
         return F.normalize((frames.float() - self.center) @ self.projection, dim=-1)
 
@@ -100,8 +106,8 @@ class FrameSalience(nn.Module):
         return within - self.cfg.rarity_weight * common
 
     @torch.no_grad()
-    def weights(self, x: Tensor) -> Tensor:
-        """Pooling weights (B, T), each row summing to 1: softmax of the standardised score / temperature."""
-        s = self.scores(x)
-        s = (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True) + 1e-6)
+    def weights(self, scores: Tensor) -> Tensor:
+        """Pooling weights (B, T) from :meth:`scores`, each row summing to 1: softmax of the standardised score
+        divided by the temperature."""
+        s = (scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-6)
         return torch.softmax(s / self.cfg.temperature, dim=-1)

@@ -44,7 +44,6 @@ from autossvh.engine import (
 )
 from autossvh.losses import ClusterTargets
 from autossvh.model import AutoSSVH
-from autossvh.salience import bank_rows
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +215,7 @@ class ArraySteps:
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.model = AutoSSVH(cfg).to(device)
         if self.model.salience is not None:
-            rows = bank_rows(len(data.train), cfg.salience.bank_videos, cfg.train.seed)
-            self.model.salience.fit(np.asarray(data.train[rows]), cfg.train.seed)
+            self.model.salience.fit_from(data.train, cfg.train.seed)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)

@@ -23,7 +23,7 @@ import torch
 from autossvh.baselines import ITQ
 from autossvh.config import Config
 from autossvh.engine import Retrieval, evaluate_codes
-from autossvh.salience import FrameSalience, bank_rows
+from autossvh.salience import FrameSalience
 from storage.schema import queries_are_database
 from storage.store import FeatureStore, open_store
 
@@ -64,15 +64,14 @@ def reference_rows(url: str, options: dict[str, Any], cfg: Config) -> list[Refer
     labels = store.eval_labels()
     n_train = store.num_videos("train")
     salience = FrameSalience(cfg.salience, store.info.feature_dim, store.info.max_frames)
-    rows = bank_rows(n_train, cfg.salience.bank_videos, cfg.train.seed, store.info.chunk_videos)
-    salience.fit(store.split("train").feats.get_orthogonal_selection((rows,)), cfg.train.seed)
+    salience.fit_from(store.split("train").feats, cfg.train.seed, store.info.chunk_videos)
     signals = {name: store.frame_signal(name, store.num_videos(name)) for name in ("train", "query", "database")}
 
     def uniform(x: np.ndarray, split: str, start: int) -> np.ndarray:
         return np.ones(x.shape[:2])
 
     def salient(x: np.ndarray, split: str, start: int) -> np.ndarray:
-        return salience.weights(torch.from_numpy(x).float()).double().numpy()
+        return salience.weights(salience.scores(torch.from_numpy(x).float())).double().numpy()
 
     def informative(x: np.ndarray, split: str, start: int) -> np.ndarray:
         shows = signals[split][start:start + len(x)] >= 0.5

@@ -49,7 +49,6 @@ from autossvh.engine import (
 from autossvh.losses import ClusterTargets
 from autossvh.metrics import knn_agreement
 from autossvh.model import AutoSSVH, leaves_parameters_unused
-from autossvh.salience import bank_rows
 from autossvh.trainer import EpochRecord, epoch_line, run_epoch
 from cluster.checkpoint import CHECKPOINT_FILE, FinalEvaluation, TrainState, report_checkpoint
 from cluster.console import WorkerConsole
@@ -196,9 +195,7 @@ class TrainWorker:
         self.model = AutoSSVH(cfg).to(self.device)
         store = open_store(self.wc.data, self.wc.storage_options)
         if self.model.salience is not None:  # the same bank on every rank; a resumed run loads it with the weights
-            rows = bank_rows(store.num_videos("train"), cfg.salience.bank_videos, cfg.train.seed,
-                             store.info.chunk_videos)
-            self.model.salience.fit(store.split("train").feats.get_orthogonal_selection((rows,)), cfg.train.seed)
+            self.model.salience.fit_from(store.split("train").feats, cfg.train.seed, store.info.chunk_videos)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)

@@ -42,7 +42,8 @@ def trained(*overrides: str, epochs: int = 20) -> AutoSSVH:
 def p_hidden(model: AutoSSVH, x: torch.Tensor, draws: int = 20) -> torch.Tensor:
     with torch.no_grad():
         embedded = model.encoder.embed(x) + model.encoder.pos
-        return torch.stack([model.sample_views(embedded, x)[0] for _ in range(draws)]).float().mean(dim=(0, 1))
+        scores = model.salience_scores(x)
+        return torch.stack([model.sample_views(embedded, scores)[0] for _ in range(draws)]).float().mean(dim=(0, 1))
 
 
 @pytest.fixture(scope="module")
