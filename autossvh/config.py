@@ -7,7 +7,8 @@ A config is built in this order, each step overriding the previous one:
 2. the recipe: ``paper`` (default: adversarial sampler, P2Set against component-voted binary centres),
    ``released`` (random complementary masks, prototype loss against continuous centroids, cold k-means every
    round, as coded upstream) or ``focused`` (beyond the paper: salience pooling, centres fixed from the pooled
-   input, independent random masks; :mod:`autossvh.salience`, :mod:`autossvh.anchors`);
+   input with P2Set at b = 1, nearest-neighbour positives, independent random masks, the learning rate halved
+   every 10 epochs; :mod:`autossvh.salience`, :mod:`autossvh.anchors`);
 3. a YAML file of nested sections or dotted keys;
 4. ``key=value`` overrides (``train.lr=5e-4``, ``cluster.num_cluster=[250,400,600]``).
 
@@ -18,7 +19,8 @@ Table 3 is a switch: ``sampler.grl=false`` (I), ``sampler.kind=random`` (II), ``
 
 A key set explicitly (YAML or override) that does nothing under the rest of the config (``sampler.tau`` with
 the random sampler, ``loss.b`` without P2Set, ...) is named in a warning (:func:`inert_keys`); for the switches
-beyond the paper (``salience.*``, ``sampler.kind=independent|salience``, ``loss.centers=input``) it is refused.
+beyond the paper (``salience.*``, ``sampler.kind=independent|salience|predicted``, ``loss.centers=input``,
+``loss.positives=nearest``) it is refused.
 
 Where the paper and the released config disagree, the presets keep the released value (FCVID: ``a = 1.0``
 and ``num_cluster = [250, 500, 1000]``; the paper states ``a = 0.2`` and ``[250, 400, 600]``; ActivityNet:
@@ -52,8 +54,10 @@ import yaml
 log = logging.getLogger(__name__)
 
 Recipe = Literal["paper", "released", "focused"]
-SamplerKind = Literal["adversarial", "random", "independent", "salience"]
+SamplerKind = Literal["adversarial", "random", "independent", "salience", "predicted"]
+PredictedTarget = Literal["loss", "reducible"]
 CenterKind = Literal["voted", "prototype", "input"]
+Positives = Literal["views", "nearest"]
 HashLayer = Literal["paper", "released"]
 Pooling = Literal["mean", "salience"]
 
@@ -133,6 +137,13 @@ class SamplerConfig:
     sampler with the full row's view overlap, to separate choosing frames from how the views overlap.
     ``salience`` (not in the paper): each view hides the top K of salience / tau + Gumbel noise, the
     :mod:`autossvh.salience` scores standardised per video, two independent draws; no learned scorer.
+    ``predicted`` (not in the paper; after HPM, CVPR 2023): Grade-Net learns, with a pairwise ranking loss on
+    each view's hidden frames, to rank frames by ``target``: ``loss``, their reconstruction error (HPM), or
+    ``reducible``, that error minus the error of a reference predictor that copies the view's nearest visible
+    frame (after RHO-LOSS, ICML 2022: a frame nothing in its video resembles stays unpredictable and scores
+    low). Each view hides the ``hard_share`` x K frames of highest predicted score, the same in both views, and
+    K minus those drawn uniformly and independently per view; the share rises linearly from 0 at the first
+    epoch to ``hard_share`` at the last (HPM's easy-to-hard curriculum). No gradient reversal.
     """
 
     kind: SamplerKind = "adversarial"
@@ -141,11 +152,19 @@ class SamplerConfig:
     tau: float = 10.0  # chosen on a validation store (README: the sampler choosing less scored higher)
     reconstruction_weight: bool = True
     lr_scale: float = 1.0
+    target: PredictedTarget = "reducible"
+    hard_share: float = 0.5
 
 
 @dataclass
 class LossConfig:
-    """L = L_FR + a * L_VC + b * L_P2Set (paper Eq. 17); each term can be switched off (Table 3)."""
+    """L = L_FR + a * L_VC + b * L_P2Set (paper Eq. 17); each term can be switched off (Table 3).
+
+    ``positives`` (L_VC): ``views``, a video's two views are each other's positive (paper); ``nearest`` (not in
+    the paper; NNCLR, ICCV 2021), each view's positive is the other view's nearest neighbour, by cosine, among
+    the view codes of the last ``support_size`` training videos of other videos, so that L_VC pulls similar
+    videos together instead of only telling every video from every other.
+    """
 
     reconstruction: bool = True
     view_contrastive: bool = True
@@ -156,6 +175,8 @@ class LossConfig:
     temperature: float = 0.5  # debiased contrastive loss tau
     tau_plus: float = 0.1  # debiased contrastive loss class prior
     p2set_temperature: float = 0.2  # P2Set against voted centres: one temperature (paper Eq. 16)
+    positives: Positives = "views"
+    support_size: int = 4096
 
 
 @dataclass
@@ -270,7 +291,8 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "released": {"sampler.kind": "random", "loss.centers": "prototype", "model.hash_layer": "released",
                  "cluster.warm_start": False},
     "focused": {"sampler.kind": "independent", "loss.centers": "input", "model.pooling": "salience",
-                "model.hash_layer": "released", "cluster.warmup_epoch": 0},
+                "model.hash_layer": "released", "cluster.warmup_epoch": 0, "loss.b": 1.0,
+                "loss.positives": "nearest", "train.lr_step": 10, "train.lr_gamma": 0.5},
 }
 # Keys of earlier versions that saved configs may still hold; loading a saved config skips them.
 RETIRED_KEYS = frozenset({"sampler.gumbel_noise_scale", "sampler.gumbel_temperature"})
@@ -336,6 +358,11 @@ def inert_keys(cfg: Config, keys: typing.Iterable[str]) -> list[tuple[str, str, 
     s, lo = cfg.sampler, cfg.loss
     no_grade_net = ("sampler.grl", "sampler.reconstruction_weight", "sampler.lr_scale")
     refused_rules: list[tuple[bool, tuple[str, ...], str]] = [
+        (lo.positives != "nearest", ("loss.support_size",), "only loss.positives=nearest keeps a support set"),
+        (not lo.view_contrastive, ("loss.positives",), "loss.view_contrastive=false"),
+        (s.kind != "predicted", ("sampler.target", "sampler.hard_share"), "only sampler.kind=predicted uses them"),
+        (s.kind == "predicted", ("sampler.grl", "sampler.reconstruction_weight", "sampler.tau"),
+         "sampler.kind=predicted ranks frames by a learned score, without gradient reversal or noise"),
         (cfg.model.pooling != "salience" and s.kind != "salience", SALIENCE_KEYS,
          "no frame salience without model.pooling=salience or sampler.kind=salience"),
         (s.kind in ("independent", "salience"), no_grade_net,
@@ -515,6 +542,10 @@ def _validate(cfg: Config) -> None:
     _require(sa.rarity_weight >= 0, "salience.rarity_weight", "must be >= 0", sa.rarity_weight)
     _require(sa.temperature > 0, "salience.temperature", "must be > 0", sa.temperature)
     _require(s.lr_scale > 0, "sampler.lr_scale", "must be > 0", s.lr_scale)
+    _require(lo.support_size >= 1, "loss.support_size", "must be >= 1", lo.support_size)
+    _require(0.0 <= s.hard_share <= 1.0, "sampler.hard_share", "must be in [0, 1]", s.hard_share)
+    _require(s.kind != "predicted" or lo.reconstruction, "sampler.kind",
+             "predicted ranks frames by their reconstruction error, so it needs loss.reconstruction=true", s.kind)
     _require(lo.reconstruction or lo.view_contrastive or lo.p2set, "loss",
              "at least one of reconstruction, view_contrastive, p2set must be on", "all off")
     _require(lo.a >= 0, "loss.a", "must be >= 0", lo.a)

@@ -78,6 +78,7 @@ class EpochStats:
     skipped_steps: int  # steps whose loss was not finite (no update)
     videos: int
     seconds: float
+    rank: float = 0.0  # Grade-Net's ranking loss (sampler.kind=predicted)
 
     @property
     def videos_per_s(self) -> float:
@@ -137,8 +138,9 @@ def train_one_epoch(
     passed to the loss so that VC and P2Set see the global batch of data-parallel training.
     """
     model.train()
+    support = getattr(model, "module", model).support  # DDP wraps the model
     guard = guard or NonFiniteGuard(cfg.train.max_nonfinite_steps)
-    sums = {"loss": 0.0, "rec": 0.0, "vc": 0.0, "p2set": 0.0}
+    sums = {"loss": 0.0, "rec": 0.0, "vc": 0.0, "p2set": 0.0, "rank": 0.0}
     steps = skipped = videos = 0
     start = time.perf_counter()
     for feats, index in batches:
@@ -146,7 +148,7 @@ def train_one_epoch(
         index = index.to(device, non_blocking=True).long()
         with autocast(device, cfg.train.amp):
             out = model(feats)
-        loss, parts = autossvh_loss(out, index, cfg, targets, gather)
+        loss, parts = autossvh_loss(out, index, cfg, targets, gather, support)
         if not guard.finite(loss):
             skipped += 1
             continue

@@ -1,4 +1,4 @@
-"""AutoSSVH losses: L = L_FR + a * L_VC + b * L_P2Set (paper Eq. 17), each term switchable.
+"""AutoSSVH losses: L = L_FR + a * L_VC + b * L_P2Set (paper Eq. 17), each term switchable, + L_rank beyond it.
 
 * Frame reconstruction (REFERENCE §6.2): MSE on the hidden frames of each view, summed over the two views.
   With the adversarial sampler each hidden frame's error is weighted by its selection (value 1, gradient to
@@ -15,6 +15,9 @@
   - ``centers = "prototype"`` (released): PCL's ProtoNCE against the L2-normalised continuous centroids with
     per-cluster density temperatures; B positives (with duplicates) plus min(B, #other clusters) sampled
     negative prototypes.
+* Frame ranking (``sampler.kind=predicted``, not in the paper): Grade-Net's pairwise ranking loss on each view's
+  hidden frames against their reconstruction error (minus the reference error with ``sampler.target=reducible``),
+  detached; it trains Grade-Net alone, whose parameters no other term reaches, so it needs no weight.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import Tensor
 
 from autossvh.clustering import ClusteringResult
 from autossvh.config import Config
-from autossvh.model import TrainOutput
+from autossvh.model import NeighbourSupport, TrainOutput
 
 
 @dataclass
@@ -57,12 +60,26 @@ class ClusterTargets:
         )
 
 
+def frame_errors(recon: Tensor, target: Tensor) -> Tensor:
+    """Each hidden frame's reconstruction MSE over the feature dim: (N, n_hidden, F) → (N, n_hidden)."""
+    return (recon.float() - target.float()).pow(2).mean(dim=-1)
+
+
 def reconstruction_loss(recon: Tensor, target: Tensor, frame_weight: Tensor | None) -> Tensor:
     """Sum over the two views of the MSE over (B, n_hidden, F); rows are view-major (2B, ...)."""
-    err = (recon.float() - target.float()).pow(2).mean(dim=-1)
+    err = frame_errors(recon, target)
     if frame_weight is not None:
         err = err * frame_weight
     return err.view(2, -1).mean(dim=1).sum()
+
+
+def ranking_loss(scores: Tensor, target: Tensor) -> Tensor:
+    """Pairwise logistic ranking loss within each row (N, n): for every pair whose targets differ, softplus of
+    minus the score difference in the target's order, averaged over those pairs (HPM's loss predictor: only the
+    order of the frames' losses is learnt, not their scale, which falls as training goes on)."""
+    above = target.unsqueeze(-1) > target.unsqueeze(-2)  # (N, n, n): frame i's target above frame j's
+    margin = scores.unsqueeze(-1) - scores.unsqueeze(-2)
+    return (F.softplus(-margin) * above).sum() / above.sum().clamp(min=1)
 
 
 def debiased_contrastive_loss(z1: Tensor, z2: Tensor, temperature: float, tau_plus: float) -> Tensor:
@@ -123,13 +140,17 @@ def autossvh_loss(
     cfg: Config,
     targets: ClusterTargets | None,
     gather: Callable[[Tensor], Tensor] | None = None,
+    support: NeighbourSupport | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss and its unweighted parts (``rec``, ``vc``, ``p2set``, still in the graph) for one training
-    forward.
+    """Total loss and its unweighted parts (``rec``, ``vc``, ``p2set``, ``rank``, still in the graph) for one
+    training forward.
 
     ``gather`` (data-parallel training) concatenates a per-rank tensor over all ranks, keeping the gradient
     of the local rows: the view-contrastive and P2Set terms then see the global batch, so the loss does not
     depend on the number of workers. Reconstruction is a per-video mean and stays local.
+
+    ``support`` (``loss.positives=nearest``): each view's positive is the other view's nearest support code
+    (symmetrised, as NNCLR); the global batch's first views are then enqueued, the same on every rank.
     """
     lo = cfg.loss
     zero = out.codes.new_zeros(())
@@ -137,7 +158,13 @@ def autossvh_loss(
     if gather is not None:
         z1, z2, index = gather(z1), gather(z2), gather(index)
     rec = reconstruction_loss(out.recon, out.target, out.frame_weight) if lo.reconstruction else zero
-    vc = debiased_contrastive_loss(z1, z2, lo.temperature, lo.tau_plus) if lo.view_contrastive else zero
+    vc = zero
+    if lo.view_contrastive and support is not None:
+        vc = (debiased_contrastive_loss(support.nearest(z1, index), z2, lo.temperature, lo.tau_plus)
+              + debiased_contrastive_loss(support.nearest(z2, index), z1, lo.temperature, lo.tau_plus)) / 2
+        support.push(z1.detach(), index)
+    elif lo.view_contrastive:
+        vc = debiased_contrastive_loss(z1, z2, lo.temperature, lo.tau_plus)
     p2set = zero
     if lo.p2set and targets is not None:
         if lo.centers in ("voted", "input"):
@@ -145,5 +172,11 @@ def autossvh_loss(
             p2set = (voted_p2set_loss(z1, index, targets, temp) + voted_p2set_loss(z2, index, targets, temp)) / 2
         else:
             p2set = (prototype_loss(z1, index, targets) + prototype_loss(z2, index, targets)) / 2
-    total = rec + lo.a * vc + lo.b * p2set
-    return total, {"rec": rec, "vc": vc, "p2set": p2set}
+    rank = zero
+    if out.hidden_scores is not None:
+        target = frame_errors(out.recon, out.target).detach()
+        if out.reference_error is not None:
+            target = target - out.reference_error
+        rank = ranking_loss(out.hidden_scores, target)
+    total = rec + lo.a * vc + lo.b * p2set + rank
+    return total, {"rec": rec, "vc": vc, "p2set": p2set, "rank": rank}

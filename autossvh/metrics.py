@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_KS",
     "gmap_l2",
     "hamming_ranking",
+    "leave_one_out_map",
     "map_at_k",
     "precision_recall_by_radius",
 ]
@@ -260,6 +261,32 @@ def map_at_k(
     ks_arr = np.array(ks_list)
     maps = ap_sums[ks_arr - 1] / (q.shape[0] * ks_arr.astype(np.float64))
     return {k: float(v) for k, v in zip(ks_list, maps.tolist(), strict=True)}
+
+
+def leave_one_out_map(codes: Any, labels: Any, k: int = 5) -> float:
+    """mAP@``k`` of a labelled set of videos among themselves: each video is a query ranked against all the others
+    (leave-one-out), with the protocol's AP@K (denominator K) and tie rule (ascending index). Model selection on a
+    validation split held out of training (``--selection best-val-map5``): every video is used as a query and as
+    database, and none is its own match. ``codes`` (N, nbits) in {-1, 0, +1}, ``labels`` (N, C); needs N > k.
+
+    The video itself is never ranked after another video (no code is nearer to it than its own), so it is among
+    its k + 1 nearest unless k + 1 others tie with it: dropping it, or else the (k + 1)-th, leaves the other
+    videos' top k in the stable order."""
+    c = _check_codes(codes, "codes")
+    relevant = _check_labels(labels, "labels", c.shape[0], "codes")
+    n = c.shape[0]
+    if n <= k:
+        raise ValueError(f"leave_one_out_map: {n} videos, need more than k = {k}")
+    ranked, _ = hamming_ranking(c, c, k + 1)
+    itself = ranked == np.arange(n)[:, None]
+    drop = np.where(itself.any(axis=1), itself.argmax(axis=1), k)
+    keep = np.ones_like(itself)
+    keep[np.arange(n), drop] = False
+    others = ranked[keep].reshape(n, k)
+    words = _pack_labels(relevant)
+    rel = ((words[others] & words[:, None, :]) != 0).any(axis=2)  # (N, k)
+    precision = np.cumsum(rel, axis=1) / np.arange(1, k + 1)
+    return float((rel * precision).sum(axis=1).mean() / k)
 
 
 def gmap_l2(map_by_k: dict[int, float]) -> float:

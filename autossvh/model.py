@@ -33,6 +33,12 @@ sequences (view-major: rows 0..B-1 are view 1, rows B..2B-1 view 2):
   - ``sampler.reconstruction_weight``: each hidden frame's reconstruction error is scaled by its selection
     (value 1), so the sampler hears directly which hidden frames are hard to reconstruct; switching it off
     is an ablation.
+* ``sampler.kind = "predicted"`` (not in the paper; HPM, CVPR 2023): Grade-Net, on the detached embedded frames,
+  learns to rank frames by their reconstruction error (``sampler.target=loss``) or by that error minus the
+  error of copying the view's nearest visible frame (``reducible``, after RHO-LOSS): a pairwise ranking loss on
+  each view's hidden frames (:func:`autossvh.losses.ranking_loss`), its own term of the total loss. Both views
+  hide the same top ``hard_share`` x K frames by standardised score (the share rising from 0 over the epochs,
+  :meth:`AutoSSVH.start_epoch`) and K minus those drawn uniformly and independently per view.
 * ``sampler.kind = "random"``: the released complementary random masks (REFERENCE.md §2.2).
 * ``sampler.kind = "independent"`` / ``"salience"`` (not in the paper): two independent draws of K hidden
   frames, uniform or by Gumbel top-K on the standardised frame salience (:mod:`autossvh.salience`); no
@@ -51,6 +57,7 @@ frame positions of visible and hidden frames.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +135,19 @@ class GradeNet(nn.Module):
         return self.out(e + self.norm(self.fc2(F.gelu(self.fc1(e))))).squeeze(-1)
 
 
+class ContextGradeNet(GradeNet):
+    """Grade-Net over frames that see their video: one Transformer block across the video's frames, then the
+    per-frame logit. Whether a frame recurs in its video or is a one-off is a property of the video, not of the
+    frame, so a per-frame scorer cannot learn it (``sampler.kind=predicted``)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__(dim)
+        self.context = Block(dim, heads, mlp_ratio)
+
+    def forward(self, e: Tensor) -> Tensor:
+        return super().forward(self.context(e))
+
+
 class GradientReversal(torch.autograd.Function):
     """Identity forward; gradient multiplied by -1 backward (Ganin & Lempitsky)."""
 
@@ -195,6 +215,23 @@ def independent_masks(scores: Tensor, k: int, tau: float) -> Tensor:
     return torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, keys.topk(k, dim=-1).indices, True)
 
 
+def predicted_masks(scores: Tensor, k: int, num_hard: int) -> Tensor:
+    """Hidden masks (2B, T), view-major, from predicted scores (B, T): both views hide the ``num_hard`` frames of
+    highest score; each view draws its other ``k - num_hard`` hidden frames uniformly from the rest."""
+    keys = torch.rand(2, *scores.shape, device=scores.device)
+    if num_hard:
+        hard = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(num_hard, dim=-1).indices, True)
+        keys = keys.masked_fill(hard, 2.0)  # above every uniform key
+    keys = keys.reshape(2 * scores.shape[0], -1)
+    return torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, keys.topk(k, dim=-1).indices, True)
+
+
+def nearest_copy_errors(target: Tensor, visible: Tensor) -> Tensor:
+    """Per hidden frame (N, n_hidden), the MSE of the best copy of one of its view's visible frames (N, n_visible,
+    F): the reference error of ``sampler.target=reducible``, small where the video repeats the frame's content."""
+    return torch.cdist(target.float(), visible.float()).pow(2).amin(dim=-1) / target.shape[-1]
+
+
 def random_complementary_masks(batch: int, frames: int, num_hidden: int, device: torch.device) -> Tensor:
     """The released masks (REFERENCE §2.2): one permutation per video; view 1 shows its first n_vis frames,
     view 2 its last n_vis. Returns hidden masks (2 * batch, frames), True = hidden, view-major."""
@@ -206,6 +243,36 @@ def random_complementary_masks(batch: int, frames: int, num_hidden: int, device:
     return hidden.reshape(2 * batch, frames)
 
 
+class NeighbourSupport(nn.Module):
+    """NNCLR's support set (``loss.positives=nearest``): a FIFO queue of the last ``size`` videos' view codes,
+    L2-normalised and detached, with their video indices. Buffers, not saved with the weights: a resumed run
+    fills it again within ``size`` videos."""
+
+    def __init__(self, size: int, nbits: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", torch.zeros(size, nbits), persistent=False)
+        self.register_buffer("videos", torch.full((size,), -1, dtype=torch.long), persistent=False)
+        self.next = 0
+
+    @torch.no_grad()
+    def nearest(self, z: Tensor, index: Tensor) -> Tensor:
+        """Each row of ``z`` (B, nbits) replaced by its nearest support code (cosine) of another video than its
+        own (``index``, B); the row itself, normalised, where the support holds no other video yet."""
+        zn = F.normalize(z.float(), dim=-1)
+        sim = (zn @ self.codes.T).masked_fill((self.videos < 0) | (self.videos == index[:, None]), -math.inf)
+        best = sim.max(dim=1)
+        return torch.where(torch.isfinite(best.values)[:, None], self.codes[best.indices], zn)
+
+    @torch.no_grad()
+    def push(self, z: Tensor, index: Tensor) -> None:
+        """Enqueue view codes (B, nbits) of videos ``index``, overwriting the oldest."""
+        n = min(z.shape[0], self.codes.shape[0])
+        rows = (self.next + torch.arange(n, device=z.device)) % self.codes.shape[0]
+        self.codes[rows] = F.normalize(z[-n:].float(), dim=-1)
+        self.videos[rows] = index[-n:]
+        self.next = int(rows[-1] + 1) % self.codes.shape[0]
+
+
 @dataclass
 class TrainOutput:
     """What the losses need from one training forward (2B rows, view-major)."""
@@ -215,6 +282,8 @@ class TrainOutput:
     target: Tensor  # (2B, n_hidden, F) the raw (un-dropped) hidden frames
     frame_weight: Tensor | None  # (2B, n_hidden) sampler selection at hidden frames (value 1), adversarial only
     hidden: Tensor  # (2B, T) bool, True = hidden
+    hidden_scores: Tensor | None = None  # (2B, n_hidden) Grade-Net logits at the hidden frames, predicted only
+    reference_error: Tensor | None = None  # (2B, n_hidden) nearest-visible-copy MSE, sampler.target=reducible
 
 
 class Encoder(nn.Module):
@@ -223,7 +292,11 @@ class Encoder(nn.Module):
         m = cfg.model
         self.embed = nn.Linear(cfg.data.feature_size, m.hidden_size)
         self.register_buffer("pos", sinusoid_table(cfg.data.max_frames, m.hidden_size), persistent=False)
-        self.grade_net = GradeNet(m.hidden_size) if cfg.sampler.kind == "adversarial" else None
+        self.grade_net: nn.Module | None = None
+        if cfg.sampler.kind == "adversarial":
+            self.grade_net = GradeNet(m.hidden_size)
+        elif cfg.sampler.kind == "predicted":
+            self.grade_net = ContextGradeNet(m.hidden_size, m.encoder_heads, m.mlp_ratio)
         self.blocks = nn.Sequential(*[Block(m.hidden_size, m.encoder_heads, m.mlp_ratio)
                                       for _ in range(m.encoder_depth)])
         self.norm = nn.LayerNorm(m.hidden_size, eps=1e-6)
@@ -284,11 +357,19 @@ class AutoSSVH(nn.Module):
         self.decoder = Decoder(cfg)
         self.salience = FrameSalience(cfg.salience, cfg.data.feature_size, cfg.data.max_frames) \
             if uses_salience(cfg) else None
+        self.support = NeighbourSupport(cfg.loss.support_size, m.nbits) if cfg.loss.positives == "nearest" else None
+        self.hard_share = 0.0  # sampler.kind=predicted: the curriculum's share of K, set by start_epoch
         _init_xavier(self.encoder)
         _init_xavier(self.decoder)
         trunc_normal_(self.mask_token, std=0.02)
         if self.encoder.grade_net is not None:  # uniformly random draws until the scorer has learned something
             nn.init.zeros_(self.encoder.grade_net.out.weight)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Set the epoch's curriculum: under ``sampler.kind=predicted`` the share of the K hidden frames chosen by
+        predicted score rises linearly from 0 at epoch 0 to ``sampler.hard_share`` at the last epoch."""
+        last = max(self.cfg.train.num_epochs - 1, 1)
+        self.hard_share = self.cfg.sampler.hard_share * min(epoch / last, 1.0)
 
     def frame_codes(self, tokens: Tensor) -> Tensor:
         """Per-frame codes of embedded tokens (N, n, hidden) → (N, n, nbits): +-1 (released) or tanh (paper)."""
@@ -341,6 +422,10 @@ class AutoSSVH(nn.Module):
             return independent_masks(embedded.new_zeros(b, t), k, 1.0), None
         if s.kind == "salience":
             return independent_masks(standardize(scores), k, s.tau), None
+        if s.kind == "predicted":
+            with torch.no_grad():
+                logits = self.encoder.grade_net(embedded.detach()).float()
+            return predicted_masks(logits, k, round(self.hard_share * k)), None
         logits = standardize(self.encoder.grade_net(embedded.detach()).float()).repeat(2, 1)  # fp32 under autocast
         hard, selection = gumbel_topk(logits, k, s.tau)
         if s.grl:
@@ -380,12 +465,20 @@ class AutoSSVH(nn.Module):
             pooling = pooling.repeat(2, 1)[rows, visible_idx]
             gate = pooling if gate is None else gate * pooling
         h = self.frame_codes(tokens)
+        target = x[video, hidden_idx]
+        hidden_scores = reference_error = None
+        if self.cfg.sampler.kind == "predicted":
+            hidden_scores = self.encoder.grade_net(embedded.detach()).float()[video, hidden_idx]
+            if self.cfg.sampler.target == "reducible":
+                reference_error = nearest_copy_errors(target, x[video, visible_idx])
         return TrainOutput(
             codes=self.view_codes(h, gate),
             recon=self.decoder(self.decoder_tokens(h, visible_idx, hidden_idx), k),
-            target=x[video, hidden_idx],
+            target=target,
             frame_weight=frame_weight,
             hidden=hidden,
+            hidden_scores=hidden_scores,
+            reference_error=reference_error,
         )
 
 

@@ -37,13 +37,17 @@ SAME_FRAME = 1.0 - 1e-4  # a bank video holding a frame at least this close is t
 SCORE_BLOCK = 64  # videos scored at once: bounds the (block, T, bank frames) similarity tensor
 
 
-def bank_rows(num_videos: int, bank_videos: int, seed: int, chunk: int = 1) -> np.ndarray:
+def bank_rows(num_videos: int, bank_videos: int, seed: int, chunk: int = 1,
+              exclude: np.ndarray | None = None) -> np.ndarray:
     """Sorted rows of the ``bank_videos`` training videos of the bank: whole random chunks of ``chunk``
     consecutive videos (a store's chunk, so that reading them reads whole chunks), cut to ``bank_videos``; with
-    fewer training videos, all of them, repeated in turn."""
+    fewer training videos, all of them, repeated in turn. Rows in ``exclude`` (videos held out of training) are
+    never chosen."""
     rng = np.random.default_rng(seed)
     chunks = rng.permutation(-(-num_videos // chunk))
     rows = np.concatenate([np.arange(c * chunk, min((c + 1) * chunk, num_videos)) for c in chunks])
+    if exclude is not None:
+        rows = rows[~np.isin(rows, exclude)]
     return np.sort(np.resize(rows, bank_videos))
 
 
@@ -77,10 +81,10 @@ class FrameSalience(nn.Module):
         self.bank.copy_(self._embed(frames))
         self.fitted.fill_(True)
 
-    def fit_from(self, videos: np.ndarray, seed: int, chunk: int = 1) -> None:
+    def fit_from(self, videos: np.ndarray, seed: int, chunk: int = 1, exclude: np.ndarray | None = None) -> None:
         """:meth:`fit` on the rows of ``videos`` (N, T, F), any array that takes an index array (numpy, Zarr),
-        that :func:`bank_rows` picks with ``seed`` in whole chunks of ``chunk`` videos."""
-        rows = bank_rows(videos.shape[0], self.cfg.bank_videos, seed, chunk)
+        that :func:`bank_rows` picks with ``seed`` in whole chunks of ``chunk`` videos, none of ``exclude``."""
+        rows = bank_rows(videos.shape[0], self.cfg.bank_videos, seed, chunk, exclude)
         self.fit(np.asarray(videos[rows]), seed)
 
     def _embed(self, frames: Tensor) -> Tensor:

@@ -91,6 +91,7 @@ class EpochSteps(Protocol):
 def run_epoch(steps: EpochSteps, cfg: Config, epoch: int, device: torch.device) -> EpochRecord:
     """One epoch of the released loop through ``steps``; returns its record."""
     lr = steps.learning_rate()
+    steps.model.start_epoch(epoch)
     targets, cluster_seconds, report = None, 0.0, None
     if should_cluster(cfg, epoch):
         tic = time.perf_counter()
@@ -139,8 +140,9 @@ def check_divergence(cfg: Config, epoch: int, stats: EpochStats, model: torch.nn
                           "weights, or raise the bound if the value is expected for these features")
 
 
-def epoch_line(record: EpochRecord, epochs: int, eta: float) -> str:
-    """The per-epoch progress line: losses, learning rate, throughput, sampler, clustering, evaluation, ETA."""
+def epoch_line(record: EpochRecord, epochs: int, eta: float, val_map5: float | None = None) -> str:
+    """The per-epoch progress line: losses, learning rate, throughput, sampler, clustering, evaluation (with
+    ``val_map5``, the mAP@5 of videos held out of training, where given), ETA."""
     s = record.stats
     line = (f"epoch {record.epoch + 1}/{epochs} loss {s.loss:.4f} (rec {s.rec:.4f} vc {s.vc:.4f} "
             f"p2set {s.p2set:.4f}) lr {record.lr:.2e} {s.videos_per_s:.0f} videos/s train {s.seconds:.1f}s")
@@ -152,6 +154,8 @@ def epoch_line(record: EpochRecord, epochs: int, eta: float) -> str:
         line += f" skipped {s.skipped_steps} non-finite steps"
     if record.retrieval is not None:
         line += f" eval {record.eval_seconds:.1f}s mAP@5 {record.retrieval.map_at_k[5]:.4f}"
+    if val_map5 is not None:
+        line += f" val mAP@5 {val_map5:.4f}"
     return f"{line} ETA {seconds_to_text(eta)}"
 
 

@@ -14,6 +14,12 @@ Rows (``ROWS``; ``--rows`` picks them, ``tau<value>`` adds a sampler-noise row s
     released     the released code's recipe    --recipe released
     tau<value>   IX at another Gumbel noise level                 sampler.tau=<value>
 
+Beyond the paper (README, "Beyond the paper"): ``II-indep`` (random masks drawn independently per view),
+``sampler-salience``, ``sampler-hpm`` / ``sampler-reducible`` (a learned loss predictor choosing the hidden
+frames, ``sampler.kind=predicted`` with ``sampler.target=loss|reducible``), ``pool-salience``,
+``positives-nearest`` (NNCLR positives, ``loss.positives=nearest``), ``centers-input`` and ``focused`` (the
+recipe).
+
 The base configuration is the dataset preset with ``--recipe``/``--config``/``--set`` (and the reduced preset on
 generated data); a row's overrides and ``train.seed=<seed>`` come last. Evaluation runs every ``--eval-every``
 epochs for the GMAP-by-epoch curves. A training-free row, ITQ of mean-pooled features fitted on the training
@@ -81,7 +87,12 @@ ROWS: dict[str, tuple[str, str | None, list[str]]] = {
     "released": ("released code's recipe", "released", []),
     "II-indep": ("random sampler, independent draws", None, ["sampler.kind=independent"]),
     "sampler-salience": ("sampler hides by frame salience", None, ["sampler.kind=salience"]),
+    "sampler-hpm": ("sampler hides predicted-hard frames (HPM)", None,
+                    ["sampler.kind=predicted", "sampler.target=loss"]),
+    "sampler-reducible": ("sampler hides frames of high predicted reducible loss", None,
+                          ["sampler.kind=predicted", "sampler.target=reducible"]),
     "pool-salience": ("codes pooled by frame salience", None, ["model.pooling=salience"]),
+    "positives-nearest": ("nearest-neighbour positives (NNCLR)", None, ["loss.positives=nearest"]),
     "centers-input": ("centres fixed from the input", None, ["loss.centers=input", "cluster.warmup_epoch=0"]),
     "focused": ("focused recipe (beyond the paper)", "focused", ["cluster.warmup_epoch=0"]),  # centres from epoch 0
 }
@@ -374,7 +385,7 @@ def plan_ablation(dataset: str, args: argparse.Namespace) -> AblationPlan:
     for row in rows:
         for seed in range(args.seeds):
             cfg = trial_config(dataset, args, base_overrides, row, seed)
-            check_training_inputs(cfg, store, args.workers)
+            check_training_inputs(cfg, store, args.workers, args.val_videos)
             configs[trial_key(row, seed)] = cfg.to_dict()
     root = f"{absolute_path(args.storage).rstrip('/')}/{name}"
     finished = read_trials(f"{root}/trials")

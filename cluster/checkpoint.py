@@ -45,8 +45,10 @@ class TrainState:
 
     ``model``/``optimizer``/``scheduler`` are state dicts; ``rng`` holds every rank's torch RNG states (rank
     order); ``clustering`` the last clustering result (reused by the epoch after a resume); ``history`` every
-    epoch's record; ``best_*`` the first epoch with the best evaluated mAP@5 and, only when the run selects by
-    it (``--selection best-map5``), its weights; ``final`` the selected model's evaluation once the run ends.
+    epoch's record; ``best_*`` the first evaluated epoch with the best score of the run's ``--selection`` (the
+    test mAP@5 for ``last`` and ``best-map5``) and, unless it selects the last epoch, its weights; ``val_videos``
+    the training videos held out as a validation split (``--val-videos``: a resumed run must hold out the same);
+    ``final`` the selected model's evaluation once the run ends.
     """
 
     model: dict[str, torch.Tensor]
@@ -61,6 +63,7 @@ class TrainState:
     best_epoch: int = -1
     best_map5: float = -1.0
     best_model: dict[str, torch.Tensor] | None = None
+    val_videos: int = 0
     final: FinalEvaluation | None = None
 
     def selected_weights(self) -> dict[str, torch.Tensor]:
@@ -80,7 +83,7 @@ class TrainState:
                 "config": self.config, "mlflow_run_id": self.mlflow_run_id, "rng": self.rng,
                 "clustering": _result_state(self.clustering), "history": [_record_state(r) for r in self.history],
                 "best_epoch": self.best_epoch, "best_map5": self.best_map5, "best_model": self.best_model,
-                "final": final}
+                "val_videos": self.val_videos, "final": final}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> TrainState:
@@ -94,6 +97,7 @@ class TrainState:
             best_epoch=best["epoch"] if best else state["best_epoch"],
             best_map5=best["map5"] if best else state["best_map5"],
             best_model=best["model"] if best else state["best_model"],
+            val_videos=state.get("val_videos", 0),
             final=None if final is None else FinalEvaluation(final["selected_epoch"],
                                                              _retrieval_from_state(final["retrieval"])))
 
@@ -130,10 +134,11 @@ def latest_checkpoint_file(run_dir: str) -> str | None:
     return f"{run_dir.rstrip('/')}/{latest['checkpoint_dir_name']}/{CHECKPOINT_FILE}"
 
 
-def check_resume_compatible(storage: str, name: str, cfg: Config) -> str | None:
+def check_resume_compatible(storage: str, name: str, cfg: Config, val_videos: int) -> str | None:
     """Refuse to resume run ``name`` with a model or data shape other than its checkpoint's (bits, sizes, frames):
-    the weights would not load. Other settings (epochs, learning rate, ...) may change between attempts. Returns
-    the checkpoint's MLflow run id, None when the run has no checkpoint yet."""
+    the weights would not load; or with other ``--val-videos``: videos trained on would be validated on. Other
+    settings (epochs, learning rate, ...) may change between attempts. Returns the checkpoint's MLflow run id, None
+    when the run has no checkpoint yet."""
     import fsspec
 
     checkpoint = latest_checkpoint_file(f"{absolute_path(storage).rstrip('/')}/{name}")
@@ -147,6 +152,10 @@ def check_resume_compatible(storage: str, name: str, cfg: Config) -> str | None:
     if differs:
         raise ValueError(f"run {name!r} in {storage} has a checkpoint of another model: {', '.join(differs)}; use "
                          "another --name (or --storage) to start a new run, or the same settings to resume it")
+    held = state.get("val_videos", 0)
+    if held != val_videos:
+        raise ValueError(f"run {name!r} in {storage} holds out --val-videos {held} (now {val_videos}); resume it with "
+                         f"--val-videos {held}, or use another --name (or --storage) to start a new run")
     return state["mlflow_run_id"]
 
 

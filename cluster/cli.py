@@ -75,7 +75,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, data_help: str) -> Non
                         metavar="KEY=VALUE", help="fsspec option for --data, repeatable")
     parser.add_argument("--recipe", choices=list(RECIPES), default="paper",
                         help="paper: the adversarial sampler and voted centres; released: what the authors' code "
-                        "runs; focused (beyond the paper): salience pooling and centres fixed from the input")
+                        "runs; focused (beyond the paper): salience pooling, centres fixed from the input, "
+                        "nearest-neighbour positives (README)")
     parser.add_argument("--bits", type=int, help="code length (model.nbits)")
     parser.add_argument("--epochs", type=int, help="train.num_epochs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -29,6 +29,7 @@ from autossvh.metrics import DEFAULT_KS
 from storage.reader import videos_per_rank
 from storage.schema import stored_split
 from storage.store import FeatureStore, StoreError, StoreInfo, verify_shards
+from storage.validation import validation_holdout
 
 SHAPE_KEYS = ("data.feature_size", "data.max_frames")
 # Names a user gives (--name, --register; --experiment also with '/'): the documented rule.
@@ -42,6 +43,8 @@ EXPERIMENT_RULE = (f"use 1 to {MAX_NAME_LENGTH} characters: letters, digits, '.'
 # MLflow tracking URI schemes a job accepts (a "+driver" suffix allowed, e.g. postgresql+psycopg2), and "databricks".
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 SQLITE_HEADER = b"SQLite format 3\x00"
+VAL_MAP_K = 5  # --selection best-val-map5: mAP@5 of the held-out videos, each ranked against the others
+MIN_VAL_VIDEOS = VAL_MAP_K + 1
 
 
 class PreflightError(ValueError):
@@ -71,19 +74,41 @@ def check_store_shape(requested: Mapping[str, Any] | Config, info: StoreInfo, ur
                                  f"{key.split('.')[1]} {requested[key]}")
 
 
-def check_training_inputs(cfg: Config, store: FeatureStore, world_size: int) -> None:
-    """Everything a training run on ``store`` with ``world_size`` workers needs, checked up front (driver side).
+def check_training_inputs(cfg: Config, store: FeatureStore, world_size: int, val_videos: int = 0) -> None:
+    """Everything a training run on ``store`` with ``world_size`` workers and ``val_videos`` training videos held
+    out (``--val-videos``) needs, checked up front (driver side).
 
-    Config against store (frames, feature size, batch per worker, clusters), then each stored split's arrays
-    (shapes, every shard file present), then the labels evaluation reads (present, one row per video, no
-    video without a label).
+    Config against store (frames, feature size, the held-out videos, batch per worker, clusters), then each stored
+    split's arrays (shapes, every shard file present), then the labels evaluation reads (present, one row per
+    video, no video without a label).
     """
     if world_size < 1:
         raise PreflightError(f"workers: {world_size}; need at least 1")
     check_store_shape(cfg, store.info, store.url)
-    check_batch_size(cfg, store, world_size)
-    check_num_clusters(cfg, store)
+    check_validation_split(store, val_videos)
+    check_batch_size(cfg, store, world_size, val_videos)
+    check_num_clusters(cfg, store, val_videos)
     check_evaluation_inputs(store)
+
+
+def check_validation_split(store: FeatureStore, val_videos: int) -> None:
+    """``--val-videos``: fewer videos than the train split holds, from a labelled train split, and not all of
+    one label (the mAP among them would be 1 whatever the codes). Reads the held-out videos' labels only."""
+    if not val_videos:
+        return
+    n = store.num_videos("train")
+    if val_videos >= n:
+        raise PreflightError(f"--val-videos {val_videos}: the train split of {store.url} has {n} videos; hold out "
+                             "fewer, so that some are left to train on")
+    if not store.is_labelled("train"):
+        raise PreflightError(f"--val-videos {val_videos}: the train split of {store.url} was stored without labels, "
+                             "so held-out videos cannot be scored; drop --val-videos (--selection knn-agreement "
+                             "selects without labels)")
+    rows = validation_holdout(n, store.info.chunk_videos, val_videos).rows
+    labels = np.asarray(store.split("train").labels[rows]) != 0
+    if len(np.unique(labels, axis=0)) < 2:
+        raise PreflightError(f"--val-videos {val_videos}: the held-out videos of {store.url} all have the same "
+                             "labels, so their mAP is 1 whatever the codes; hold out more videos")
 
 
 def check_evaluation_inputs(store: FeatureStore) -> None:
@@ -261,6 +286,19 @@ def check_run_options(args: argparse.Namespace) -> None:
     check_count(args.max_failures, "--max-failures", -1)
     check_count(args.num_cpus, "--num-cpus", 1)
     check_output_file(args.summary_json, "--summary-json")
+    check_val_videos_option(args.selection, args.val_videos)
+
+
+def check_val_videos_option(selection: str, val_videos: int) -> None:
+    """``--selection best-val-map5`` needs ``--val-videos N``; N is 0 (none held out) or at least
+    ``MIN_VAL_VIDEOS``, so that each held-out video is ranked against ``VAL_MAP_K`` others."""
+    check_count(val_videos, "--val-videos", 0)
+    if selection == "best-val-map5" and not val_videos:
+        raise PreflightError(f"--selection best-val-map5 selects on videos held out of training, but --val-videos "
+                             f"is 0; add --val-videos N (N >= {MIN_VAL_VIDEOS} videos of the train split)")
+    if 0 < val_videos < MIN_VAL_VIDEOS:
+        raise PreflightError(f"--val-videos {val_videos}: hold out at least {MIN_VAL_VIDEOS} videos (mAP@{VAL_MAP_K} "
+                             f"ranks each held-out video against {VAL_MAP_K} others), or 0")
 
 
 def check_evaluation_options(args: argparse.Namespace) -> None:
@@ -292,29 +330,36 @@ def per_rank_batch_size(batch_size: int, world_size: int) -> int:
     return max(batch_size // world_size, 2)
 
 
-def check_batch_size(cfg: Config, store: FeatureStore, world_size: int) -> None:
+def training_videos(store: FeatureStore, val_videos: int) -> tuple[int, str]:
+    """The videos a run trains on (the train split less ``val_videos`` held out) and how a message says so."""
+    n = store.num_videos("train") - val_videos
+    held = f" once --val-videos holds out {val_videos}" if val_videos else ""
+    return n, f"the train split of {store.url} has {n} videos{held}"
+
+
+def check_batch_size(cfg: Config, store: FeatureStore, world_size: int, val_videos: int = 0) -> None:
     """Refuse a batch that no worker can fill: with ``drop_last`` an epoch would take no step at all."""
-    n = store.num_videos("train")
+    n, has = training_videos(store, val_videos)
     per_rank_videos = videos_per_rank(n, world_size)
     batch = per_rank_batch_size(cfg.train.batch_size, world_size)
     if batch > per_rank_videos:
         raise PreflightError(
             f"train.batch_size={cfg.train.batch_size}: {batch} videos per worker and step over {world_size} "
-            f"worker(s), but the train split of {store.url} has {n} videos ({per_rank_videos} per worker), so no "
-            f"worker fills one batch and an epoch would take no step; use train.batch_size <= "
-            f"{per_rank_videos * world_size} (and >= 2 per worker) or fewer workers")
+            f"worker(s), but {has} ({per_rank_videos} per worker), so no worker fills one batch and an epoch "
+            f"would take no step; use train.batch_size <= {per_rank_videos * world_size} (and >= 2 per worker) or "
+            f"fewer workers{' or fewer --val-videos' if val_videos else ''}")
 
 
-def check_num_clusters(cfg: Config, store: FeatureStore) -> None:
+def check_num_clusters(cfg: Config, store: FeatureStore, val_videos: int = 0) -> None:
     """Refuse more k-means clusters than training videos when clustering will run (P2Set on, warm-up reached)."""
     if not cfg.loss.p2set or cfg.cluster.warmup_epoch >= cfg.train.num_epochs:
         return
-    n = store.num_videos("train")
+    n, has = training_videos(store, val_videos)
     too_many = [k for k in cfg.cluster.num_cluster if k > n]
     if too_many:
         raise PreflightError(
-            f"cluster.num_cluster={cfg.cluster.num_cluster}: {max(too_many)} clusters but the train split of "
-            f"{store.url} has {n} videos; use at most {n} clusters per granularity (or loss.p2set=false)")
+            f"cluster.num_cluster={cfg.cluster.num_cluster}: {max(too_many)} clusters but {has}; use at most {n} "
+            "clusters per granularity (or loss.p2set=false)")
 
 
 def check_eval_labels(store: FeatureStore) -> None:

@@ -371,18 +371,20 @@ def epoch_step(epoch: int) -> int:
 
 def epoch_metrics(record: EpochRecord, num_cluster: Sequence[int] | None = None) -> dict[str, float]:
     """Metric name → value for one epoch, grouped by prefix so that the MLflow UI groups the charts:
-    ``loss/`` (total and unweighted parts), ``map/`` (mAP@K and GMAP), ``train/``, ``time/`` (seconds),
-    ``cluster/`` (the k-means objective by granularity k, ``kmeans_objective_k{k}``, or ``..._{i}`` without
-    ``num_cluster``) and ``sampler/`` (the sampler's diagnostics). The rest of a clustering round's report
-    (iterations, seconds, empty and merged clusters, distinct centres, warm start: mostly constant charts that
-    would come before loss and mAP in the UI) goes to the ``clustering_rounds.csv`` table at the end
-    (:func:`clustering_rounds_csv`)."""
+    ``loss/`` (total and unweighted parts; ``rank`` with the predicted sampler), ``map/`` (mAP@K and GMAP),
+    ``train/``, ``time/`` (seconds), ``cluster/`` (the k-means objective by granularity k,
+    ``kmeans_objective_k{k}``, or ``..._{i}`` without ``num_cluster``) and ``sampler/`` (the sampler's
+    diagnostics). The rest of a clustering round's report (iterations, seconds, empty and merged clusters,
+    distinct centres, warm start: mostly constant charts that would come before loss and mAP in the UI) goes to
+    the ``clustering_rounds.csv`` table at the end (:func:`clustering_rounds_csv`)."""
     s = record.stats
     metrics = {
         "loss/total": s.loss, "loss/rec": s.rec, "loss/vc": s.vc, "loss/p2set": s.p2set,
         "train/lr": record.lr, "train/videos_per_s": s.videos_per_s, "train/skipped_steps": float(s.skipped_steps),
         "time/train_s": s.seconds, "time/cluster_s": record.cluster_seconds, "time/eval_s": record.eval_seconds,
     }
+    if s.rank:  # Grade-Net's ranking loss, sampler.kind=predicted only
+        metrics["loss/rank"] = s.rank
     objectives = [] if record.clustering is None else record.clustering.metrics()[EPOCH_CLUSTER_METRIC]
     for i, value in enumerate(objectives):
         metrics[f"cluster/{EPOCH_CLUSTER_METRIC}_{_granularity(i, num_cluster)}"] = value

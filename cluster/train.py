@@ -77,7 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selection", choices=SELECTIONS, default="last",
                         help="model to evaluate and log at the end: the last epoch's; best-map5: the best mAP@5 on "
                         "the TEST queries (as the published numbers select); knn-agreement: label-free, the epoch "
-                        "whose codes best keep the pooled inputs' 10 nearest neighbours on 256 training videos")
+                        "whose codes best keep the pooled inputs' 10 nearest neighbours on 256 training videos; "
+                        "best-val-map5: the best mAP@5 on a labelled validation split held out of training "
+                        "(--val-videos)")
+    parser.add_argument("--val-videos", type=int, default=0, metavar="N",
+                        help="hold N videos of the train split out of training (whole chunks, the same for every "
+                        "seed) as a labelled validation split: their leave-one-out mAP@5 is logged as map/val_map5 "
+                        "at every evaluation, and --selection best-val-map5 selects by it (default 0: none)")
     parser.add_argument("--mlflow-uri", default="sqlite:///runs/mlflow.db", help="MLflow tracking URI")
     parser.add_argument("--mlflow-artifacts", default="runs/mlartifacts",
                         help="artifact folder of a newly created experiment (local tracking)")
@@ -126,7 +132,7 @@ def resolve_run(dataset: str, args: argparse.Namespace) -> tuple[Config, str, di
     """The run's config, data URL, storage options and opened store, checked before anything starts."""
     url, options, overrides, store = resolve_data(dataset, args)
     cfg = config_from_args(dataset, args, overrides)
-    check_training_inputs(cfg, store, args.workers)
+    check_training_inputs(cfg, store, args.workers, args.val_videos)
     return cfg, url, options, store
 
 
@@ -141,7 +147,7 @@ def make_trainer(cfg: Config, url: str, options: dict[str, Any], args: argparse.
     mlflow_uri, _ = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
     worker = WorkerConfig(config=cfg.to_dict(), data=url, storage_options=options, actor=actor,
                           loader_workers=args.loader_workers, mlflow_uri=mlflow_uri, mlflow_run_id=mlflow_run_id,
-                          selection=args.selection, console=console)
+                          selection=args.selection, console=console, val_videos=args.val_videos)
     use_gpu = args.gpus_per_worker > 0
     resources = {"CPU": args.cpus_per_worker} | ({"GPU": args.gpus_per_worker} if use_gpu else {})
     return TorchTrainer(
@@ -199,7 +205,7 @@ def fit_trial(cfg: Config, args: argparse.Namespace, data: dict[str, Any], name:
     from cluster import tracking
 
     mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
-    run_id = check_resume_compatible(args.storage, name, cfg) or tracking.child_run(
+    run_id = check_resume_compatible(args.storage, name, cfg, args.val_videos) or tracking.child_run(
         mlflow_uri, args.experiment, name, data["parent_run_id"], tracking.config_params(cfg),
         artifact_location=artifacts, tags=tracking.run_tags(data["script"], data["label"], cfg))
     tracking.reopen_run(mlflow_uri, run_id)  # an earlier attempt's run, ended KILLED with a reason, runs again
@@ -277,7 +283,7 @@ def prepare_run(dataset: str, args: argparse.Namespace) -> PreparedRun:
     mlflow_uri, artifacts = mlflow_locations(args.mlflow_uri, args.mlflow_artifacts)
     check_destinations(args.storage, name, mlflow_uri, artifacts)
     tracking.check_reachable(mlflow_uri)
-    resumed = check_resume_compatible(args.storage, name, cfg)
+    resumed = check_resume_compatible(args.storage, name, cfg, args.val_videos)
     if resumed is not None:
         check_resumed_run(mlflow_uri, resumed, name, args.storage)
     return PreparedRun(cfg, url, options, store.label, name, mlflow_uri, artifacts, resumed)

@@ -181,7 +181,7 @@ def run_sweep(dataset: str, args: argparse.Namespace) -> int:
         tracking.check_reachable(mlflow_uri)
         val_url = f"{storage.rstrip('/')}/validation/{dataset}-{name}-f{args.val_fraction}-s{args.seed}"
         store = carve_validation_store(url, val_url, args.val_fraction, args.seed, options)
-        check_training_inputs(cfg, store, args.workers)
+        check_training_inputs(cfg, store, args.workers, args.val_videos)
     except (ValueError, tracking.TrackingError) as err:
         log.error("%s", err)
         return 2

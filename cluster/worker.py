@@ -9,6 +9,11 @@ epoch skeleton (``autossvh.trainer.run_epoch``) with this class as its steps:
   ``train.batch_size / world_size`` videos per step) and a scheduler step;
 * evaluation: every rank encodes its block of query (and database) and rank 0 computes mAP@K and GMAP.
 
+Videos held out of training (``--val-videos N``, ``storage.validation.validation_holdout``): the same rows on every
+rank, never read by the train reader, left out of every clustering round, the input centres, the salience bank and
+the probe videos; rank 0 reads them once at setup (N videos in the stored dtype, in memory) and at every evaluation
+logs their leave-one-out mAP@5 (``map/val_map5``), by which ``--selection best-val-map5`` selects.
+
 After each epoch rank 0 reports a checkpoint (:class:`cluster.checkpoint.TrainState`) and then logs the epoch
 to MLflow, so a crash in between leaves a gap that the resumed run back-fills. After the last epoch every rank
 encodes the selected model (``--selection``) and rank 0 reports a final checkpoint with its evaluation,
@@ -47,7 +52,7 @@ from autossvh.engine import (
     train_one_epoch,
 )
 from autossvh.losses import ClusterTargets
-from autossvh.metrics import knn_agreement
+from autossvh.metrics import knn_agreement, leave_one_out_map
 from autossvh.model import AutoSSVH, leaves_parameters_unused
 from autossvh.trainer import EpochRecord, epoch_line, run_epoch
 from cluster.checkpoint import CHECKPOINT_FILE, FinalEvaluation, TrainState, report_checkpoint
@@ -59,17 +64,19 @@ from cluster.distributed import (
     gather_rows_to_rank0,
     gather_with_grad,
 )
-from cluster.preflight import per_rank_batch_size
+from cluster.preflight import VAL_MAP_K, per_rank_batch_size
 from cluster.runtime import configure_logging
 from storage.reader import EvalReader, TrainReader, make_loader
 from storage.schema import queries_are_database, stored_split
 from storage.store import FeatureStore, open_store
+from storage.validation import validation_holdout
 
 log = logging.getLogger(__name__)
 
 CLUSTER_ATTEMPTS = 3  # clustering rounds tried per epoch when the actor dies
 ACTOR_RESTART_TIMEOUT_S = 300.0  # how long a rank waits for a restarting clustering actor before its next attempt
-SELECTIONS = ("last", "best-map5", "knn-agreement")
+SELECTIONS = ("last", "best-map5", "knn-agreement", "best-val-map5")
+SELECTION_SCORES = {"knn-agreement": "knn_agreement", "best-val-map5": "val_map5"}  # the others: test mAP@5
 KNN_AGREEMENT_K = 10
 
 
@@ -86,6 +93,7 @@ class WorkerConfig:
     mlflow_run_id: str  # the run the driver created for the Train run: every attempt continues it
     selection: str  # one of SELECTIONS
     console: Any | None = None  # the driver's console queue (cluster.console); None in a Tune trial
+    val_videos: int = 0  # training videos held out as a labelled validation split (--val-videos)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -194,8 +202,11 @@ class TrainWorker:
         np.random.seed(cfg.train.seed + self.rank)
         self.model = AutoSSVH(cfg).to(self.device)
         store = open_store(self.wc.data, self.wc.storage_options)
+        self.protocol = store.info.protocol
+        self.holdout = validation_holdout(store.num_videos("train"), store.info.chunk_videos, self.wc.val_videos)
         if self.model.salience is not None:  # the same bank on every rank; a resumed run loads it with the weights
-            self.model.salience.fit_from(store.split("train").feats, cfg.train.seed, store.info.chunk_videos)
+            self.model.salience.fit_from(store.split("train").feats, cfg.train.seed, store.info.chunk_videos,
+                                         exclude=self.holdout.rows)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
@@ -206,14 +217,19 @@ class TrainWorker:
                 self._resume(TrainState.load(Path(folder) / CHECKPOINT_FILE, checkpoint.path, self.device))
         self.ddp = ray.train.torch.prepare_model(
             self.model, parallel_strategy_kwargs={"find_unused_parameters": leaves_parameters_unused(cfg)})
-        self.protocol, self.num_train = store.info.protocol, store.num_videos("train")
         self.reader = TrainReader(self.wc.data, "train", per_rank_batch_size(cfg.train.batch_size, self.world),
-                                  self.rank, self.world, cfg.train.seed, self.wc.storage_options, drop_last=True)
+                                  self.rank, self.world, cfg.train.seed, self.wc.storage_options, drop_last=True,
+                                  holdout=self.holdout)
         if self.rank == 0:
             self.labels = store.eval_labels()
-            n = min(PROBE_VIDEOS, self.num_train)
-            self.probe = (torch.from_numpy(np.asarray(store.split("train").feats[:n], dtype=np.float32)),
-                          store.frame_signal("train", n))
+            train = store.split("train")
+            rows = self.holdout.first_training_rows(PROBE_VIDEOS)
+            signal = store.frame_signal("train", int(rows[-1]) + 1)
+            self.probe = (torch.from_numpy(np.asarray(train.feats[rows], dtype=np.float32)),
+                          None if signal is None else signal[rows])
+            held = self.holdout.rows  # whole chunks but one: read once, kept as stored
+            self.validation = (torch.from_numpy(np.asarray(train.feats[held])), np.asarray(train.labels[held])) \
+                if len(held) else None
             self._start_mlflow(store)
 
     def _resume(self, state: TrainState) -> None:
@@ -239,7 +255,8 @@ class TrainWorker:
         self.run_id = active.info.run_id
         if resumed is None:
             tracking.log_config(self.cfg, {"data": wc.data, "storage_options": wc.storage_options,
-                                           "world_size": self.world, "selection": wc.selection})
+                                           "world_size": self.world, "selection": wc.selection,
+                                           "val_videos": wc.val_videos})
             tracking.log_store_input(store)
             return
         # An epoch logged whose checkpoint Ray never registered (the job died in between) stays as logged.
@@ -266,13 +283,14 @@ class TrainWorker:
                               f"to {epochs}")
         for epoch in range(self.start_epoch, epochs):
             record = run_epoch(self, self.cfg, epoch, self.device)
-            self._report(record)
+            val_map5 = self._report(record)
             if self.rank == 0:
                 eta = (time.perf_counter() - start) / (epoch + 1 - self.start_epoch) * (epochs - epoch - 1)
-                self.console.info(epoch_line(record, epochs, eta))
+                self.console.info(epoch_line(record, epochs, eta, val_map5))
 
-    def _report(self, record: EpochRecord) -> None:
-        """Rank 0: the epoch's checkpoint to Ray Train, then its metrics to MLflow; other ranks: the metrics."""
+    def _report(self, record: EpochRecord) -> float | None:
+        """Rank 0: the epoch's checkpoint to Ray Train, then its metrics to MLflow; other ranks: the metrics.
+        Returns the held-out videos' mAP@5 where rank 0 evaluated them this epoch, else None."""
         import ray.train
 
         from cluster import tracking
@@ -283,35 +301,40 @@ class TrainWorker:
         rng = gather_objects(rng_state())
         if self.rank != 0:
             ray.train.report(metrics)
-            return
+            return None
         previous = self.state
         history = [*(previous.history if previous else []), record]
         best = (previous.best_epoch, previous.best_map5, previous.best_model) if previous else (-1, -1.0, None)
-        agreement = None
+        scores: dict[str, float] = {}  # the selection scores besides the test mAP@5, logged under map/
         if record.retrieval is not None:
-            agreement = self._knn_agreement()
-            score = agreement if self.wc.selection == "knn-agreement" else record.retrieval.map_at_k[5]
+            scores["knn_agreement"] = self._knn_agreement()
+            if self.validation is not None:
+                scores["val_map5"] = self._val_map5()
+            by = SELECTION_SCORES.get(self.wc.selection)
+            score = record.retrieval.map_at_k[5] if by is None else scores[by]
             if score > best[1]:
                 kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()} \
                     if self.wc.selection != "last" else None
                 best = (record.epoch, score, kept)
             metrics |= {f"map_at_{k}": v for k, v in record.retrieval.map_at_k.items()}
-            metrics |= {"gmap_l2": record.retrieval.gmap_l2, "knn_agreement": agreement}
+            metrics |= {"gmap_l2": record.retrieval.gmap_l2, **scores}
         self.state = TrainState(
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), epoch=record.epoch, config=self.cfg.to_dict(),
             mlflow_run_id=self.run_id, rng=rng, clustering=self.last_result, history=history,
-            best_epoch=best[0], best_map5=best[1], best_model=best[2])
+            best_epoch=best[0], best_map5=best[1], best_model=best[2], val_videos=self.wc.val_videos)
         report_checkpoint(metrics, self.state)
         if record.epoch in self.logged_epochs:
             self.console.warning(f"epoch {record.epoch + 1} was logged to MLflow by an attempt whose checkpoint was "
                                  "lost; keeping those metrics")
         else:
             tracking.log_epoch(record, num_cluster=self.cfg.cluster.num_cluster)
-            if agreement is not None:
+            if scores:
                 import mlflow
 
-                mlflow.log_metric("map/knn_agreement", agreement, step=tracking.epoch_step(record.epoch))
+                mlflow.log_metrics({f"map/{key}": value for key, value in scores.items()},
+                                   step=tracking.epoch_step(record.epoch))
+        return scores.get("val_map5")
 
     # ----- EpochSteps -----------------------------------------------------------------------------------------
 
@@ -324,10 +347,13 @@ class TrainWorker:
                 self.last_result = self._input_centers()
             return self.last_result
         encoded, first = self._encode_block(self.model, "train")
-        indices = np.arange(first, first + len(encoded.codes), dtype=np.int64)
+        rows = np.arange(first, first + len(encoded.codes), dtype=np.int64)
+        training = self.holdout.is_training(rows)  # held-out videos are encoded with the block, never clustered
+        indices = self.holdout.training_index(rows[training])
+        encoded = Encoded(encoded.codes[training], encoded.features[training])
         previous = self.last_result if self.rank == 0 else None
-        self.last_result = cluster_on_actor(self.wc.actor, epoch, self.rank, self.world, self.num_train, indices,
-                                            encoded, self.console, previous, self.actor_has_previous)
+        self.last_result = cluster_on_actor(self.wc.actor, epoch, self.rank, self.world, self.holdout.num_training,
+                                            indices, encoded, self.console, previous, self.actor_has_previous)
         self.actor_has_previous = True
         return self.last_result
 
@@ -338,13 +364,20 @@ class TrainWorker:
         codes = encode(self.model, [feats], self.device).codes
         return knn_agreement(codes, pooled_inputs(self.model, [feats], self.device), KNN_AGREEMENT_K)
 
+    def _val_map5(self) -> float:
+        """The ``best-val-map5`` selection score of the current model (rank 0): the leave-one-out mAP@5 of the
+        held-out videos among themselves (:func:`autossvh.metrics.leave_one_out_map`), with their labels only."""
+        feats, labels = self.validation
+        codes = encode(self.model, feats.split(self.encode_batch), self.device).codes
+        return leave_one_out_map(codes, labels, VAL_MAP_K)
+
     def _input_centers(self) -> ClusteringResult:
         """The fixed centres of ``loss.centers=input`` (:mod:`autossvh.anchors`): every rank pools its block of the
-        train split, rank 0 clusters them all and hands the result to every rank."""
+        train split (less the held-out videos), rank 0 clusters them all and hands the result to every rank."""
         reader = EvalReader(self.wc.data, "train", self.encode_batch, self.rank, self.world, self.wc.storage_options,
                             dtype=None)
-        pooled = gather_rows_to_rank0(pooled_inputs(self.model, make_loader(reader, self.wc.loader_workers),
-                                                    self.device))
+        pooled = pooled_inputs(self.model, make_loader(reader, self.wc.loader_workers), self.device)
+        pooled = gather_rows_to_rank0(pooled[self.holdout.is_training(np.arange(reader.start, reader.stop))])
         result = None if pooled is None else input_centers(pooled, self.cfg, use_gpu=self.device.type == "cuda")
         return broadcast_from_rank0(result)
 

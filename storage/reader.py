@@ -30,6 +30,12 @@ mmap threshold is fixed at the batch size, which :func:`make_loader`'s workers d
 (:func:`use_mmap_for_large_buffers`); a reader iterated in the training process itself (no workers) is left to
 glibc's default.
 
+Held-out videos (:class:`Holdout`, ``--val-videos``): the rows of a validation split are taken out of the
+permuted chunk sequence before it is cut into pieces (a chunk they fill is never read; a chunk they share is read
+in its training runs), so every rank excludes the same rows and the pad policy counts the training videos only.
+The reader then yields each video's training index (its position among the training rows), the numbering the
+clustering uses; without a holdout that is the row.
+
 Evaluation (:class:`EvalReader`) reads rank ``r``'s contiguous block ``[r * N // world_size, (r + 1) * N //
 world_size)`` (no padding, no repeats) in order, batch by batch; with DataLoader workers, worker ``w`` reads
 batches ``w, w + W, ...`` and the DataLoader's round-robin returns them in order.
@@ -103,6 +109,52 @@ def _cut(segments: np.ndarray, start: int, stop: int) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """Rows of a split kept out of training (a labelled validation split: ``storage.validation.validation_holdout``).
+
+    The training videos are the split's other rows in stored order; a video's training index is its position among
+    them (its row less the held-out rows before it). :class:`TrainReader` yields training indices and the clustering
+    numbers the training videos ``0 .. num_training - 1`` by them, so held-out rows have no index at all."""
+
+    rows: np.ndarray  # sorted, unique int64 rows in [0, num_videos)
+    num_videos: int  # rows of the split
+
+    @property
+    def num_training(self) -> int:
+        return self.num_videos - len(self.rows)
+
+    def is_training(self, rows: np.ndarray) -> np.ndarray:
+        """Whether each of ``rows`` is a training video (bool, the shape of ``rows``)."""
+        return ~np.isin(rows, self.rows)
+
+    def training_index(self, rows: np.ndarray) -> np.ndarray:
+        """The training index (int64) of each of ``rows``, which must all be training rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return rows - np.searchsorted(self.rows, rows)
+
+    def first_training_rows(self, count: int) -> np.ndarray:
+        """The first ``count`` training rows in stored order (all of them when there are fewer)."""
+        candidates = np.arange(min(self.num_videos, count + len(self.rows)), dtype=np.int64)
+        return candidates[self.is_training(candidates)][:count]
+
+    def remove_from(self, segments: np.ndarray) -> np.ndarray:
+        """``segments`` (k, 2) of ``[start, stop)`` rows in their order, the held-out rows taken out: a segment
+        holding some becomes the runs between them (in order), one holding only them disappears."""
+        first = np.searchsorted(self.rows, segments[:, 0])
+        stop = np.searchsorted(self.rows, segments[:, 1])
+        pieces, done = [], 0
+        for i in np.flatnonzero(first < stop):  # only the segments that hold held-out rows: few
+            pieces.append(segments[done:i])
+            held = self.rows[first[i]:stop[i]]
+            starts = np.concatenate([segments[i, :1], held + 1])
+            stops = np.concatenate([held, segments[i, 1:]])
+            pieces.append(np.stack([starts, stops], axis=1)[starts < stops])
+            done = i + 1
+        pieces.append(segments[done:])
+        return np.concatenate(pieces).astype(np.int64)
+
+
 def chunk_segments(num_videos: int, chunk_videos: int, epoch: int, seed: int) -> np.ndarray:
     """All chunks of a split as ``[start, stop)`` segments, permuted by ``(seed, epoch)``."""
     num_chunks = -(-num_videos // chunk_videos)
@@ -120,20 +172,28 @@ def num_batches(videos: int, batch_size: int, drop_last: bool) -> int:
     return videos // batch_size if drop_last else -(-videos // batch_size)
 
 
-def partition(num_videos: int, chunk_videos: int, rank: int, world_size: int, epoch: int, seed: int) -> Partition:
-    """Rank ``rank``'s training videos for ``epoch``: its contiguous piece of the permuted chunk sequence, padded
-    by wrapping around to its start so that every rank gets ``videos_per_rank`` videos."""
+def partition(num_videos: int, chunk_videos: int, rank: int, world_size: int, epoch: int, seed: int,
+              holdout: Holdout | None = None) -> Partition:
+    """Rank ``rank``'s training videos for ``epoch``: its contiguous piece of the permuted chunk sequence (less the
+    ``holdout`` rows), padded by wrapping around to its start so that every rank gets ``videos_per_rank`` of the
+    training videos."""
     if num_videos < 1 or chunk_videos < 1:
         raise ValueError(f"need num_videos >= 1 and chunk_videos >= 1, got {num_videos}, {chunk_videos}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     chunks = chunk_segments(num_videos, chunk_videos, epoch, seed)
-    per_rank = videos_per_rank(num_videos, world_size)
+    training = num_videos
+    if holdout is not None:
+        if holdout.num_videos != num_videos or holdout.num_training < 1:
+            raise ValueError(f"a holdout of {len(holdout.rows)} of {holdout.num_videos} rows does not leave training "
+                             f"videos in a split of {num_videos}")
+        chunks, training = holdout.remove_from(chunks), holdout.num_training
+    per_rank = videos_per_rank(training, world_size)
     pieces = []
     position, stop = rank * per_rank, (rank + 1) * per_rank
     while position < stop:
-        offset = position % num_videos
-        length = min(stop - position, num_videos - offset)
+        offset = position % training
+        length = min(stop - position, training - offset)
         pieces.append(_cut(chunks, offset, offset + length))
         position += length
     return Partition(np.concatenate(pieces))
@@ -269,16 +329,18 @@ class TrainReader(_SplitReader):
     """Shuffled training batches of one rank's partition of ``split``; call :meth:`set_epoch` before each epoch.
 
     ``shuffle_buffer`` is in chunks; ``readahead`` is the number of chunk reads in flight per reading process.
+    ``holdout``: rows never read, whose videos the batches number by training index (:class:`Holdout`).
     """
 
     def __init__(self, url: str, split: str = "train", batch_size: int = 64, rank: int = 0, world_size: int = 1,
                  seed: int = 0, storage_options: dict[str, Any] | None = None,
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, readahead: int = DEFAULT_READAHEAD,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, holdout: Holdout | None = None) -> None:
         super().__init__(url, split, batch_size, rank, world_size, storage_options, readahead)
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1 chunk, got {shuffle_buffer}")
-        self.seed, self.shuffle_buffer, self.drop_last = seed, shuffle_buffer, drop_last
+        self.seed, self.shuffle_buffer, self.drop_last, self.holdout = seed, shuffle_buffer, drop_last, holdout
+        self.num_training = self.num_videos if holdout is None else holdout.num_training
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -286,7 +348,7 @@ class TrainReader(_SplitReader):
 
     def __len__(self) -> int:
         """Batches per rank per epoch, the same on every rank."""
-        return num_batches(videos_per_rank(self.num_videos, self.world_size), self.batch_size, self.drop_last)
+        return num_batches(videos_per_rank(self.num_training, self.world_size), self.batch_size, self.drop_last)
 
     @property
     def buffer_videos(self) -> int:
@@ -300,7 +362,8 @@ class TrainReader(_SplitReader):
 
     def partition(self) -> Partition:
         """This rank's videos this epoch in read order (after ``drop_last``), before the buffer shuffle."""
-        part = partition(self.num_videos, self.chunk_videos, self.rank, self.world_size, self.epoch, self.seed)
+        part = partition(self.num_videos, self.chunk_videos, self.rank, self.world_size, self.epoch, self.seed,
+                         self.holdout)
         return part.take(0, min(part.num_videos, len(self) * self.batch_size))
 
     def __iter__(self) -> Iterator[Batch]:
@@ -312,6 +375,8 @@ class TrainReader(_SplitReader):
         if not len(share.segments):
             return
         chunks = _read_ahead(self._arrays(), share.segments, self.readahead, self._read_error, self._check_finite)
+        if self.holdout is not None:
+            chunks = ((self.holdout.training_index(rows), feats) for rows, feats in chunks)
         buffer = np.empty((self.buffer_videos, *self.frame_shape), self.dtype)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, workers])
         yield from _shuffled_batches(chunks, buffer, size, rng)

@@ -74,6 +74,7 @@ _GROUP_WEIGHT = 0.9
 _COMMON_WEIGHT = 0.6
 _ANCHOR_DEVIATION = 0.7
 _BACKGROUND_NORM = 1.3
+ROLE_CLASS, ROLE_BACKGROUND, ROLE_DISTRACTOR = 0, 1, 2  # exact frame roles (Split.frame_role)
 _ROLE_BASE = (0.6, 0.0, -0.4)
 _ROLE_BASE_JITTER = 0.6
 _ROLE_STEP = 0.45
@@ -118,12 +119,15 @@ REAL_SPLIT_SIZES: dict[str, dict[str, int]] = {
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """Videos of one split: features, multi-hot labels, ids and the true per-frame signal weight."""
+    """Videos of one split: features, multi-hot labels, ids, the true per-frame signal weight and, with exact
+    frame roles (``informative_share``), each frame's role (:data:`ROLE_CLASS`, :data:`ROLE_BACKGROUND`,
+    :data:`ROLE_DISTRACTOR`; in memory only, not stored)."""
 
     feats: np.ndarray
     labels: np.ndarray
     video_ids: np.ndarray
     frame_signal: np.ndarray | None = None
+    frame_role: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.feats.shape[0])
@@ -131,7 +135,8 @@ class Split:
     def rows(self, start: int, stop: int) -> Split:
         """Videos ``start:stop`` of this split, as views."""
         signal = None if self.frame_signal is None else self.frame_signal[start:stop]
-        return Split(self.feats[start:stop], self.labels[start:stop], self.video_ids[start:stop], signal)
+        role = None if self.frame_role is None else self.frame_role[start:stop]
+        return Split(self.feats[start:stop], self.labels[start:stop], self.video_ids[start:stop], signal, role)
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,11 +272,12 @@ class SyntheticGenerator:
         """Latent class signal (n, T, L) from anchor weights (n, T, A)."""
         return np.einsum("nta,nal->ntl", weights, self.anchors[cls])
 
-    def _chunk(self, split: str, chunk: int, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _chunk(self, split: str, chunk: int, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Write the whole chunk ``chunk`` of ``split`` into ``feats`` (chunk_videos, T, F).
 
-        Returns its labels and frame-signal weights. The chunk is always computed whole, with the
-        same draws and array shapes, so floating-point results cannot depend on the block asked for.
+        Returns its labels, frame-signal weights and frame roles (-1 with soft roles). The chunk is always
+        computed whole, with the same draws and array shapes, so floating-point results cannot depend on the
+        block asked for.
         """
         t_len, f = self.shape.max_frames, self.shape.feature_dim
         c = self.shape.num_classes
@@ -312,11 +318,13 @@ class SyntheticGenerator:
             other = self._trajectory(distractor, anchor_w)
             mixture = w_sig * labelled + w_bg * bg + 0.5 * w_tr * (own + other)
             signal = (w_sig + 0.5 * w_tr)[..., 0]
+            roles = np.full((n, t_len), -1, np.int8)
         else:
             roles, others = self._exact_roles(rng, n, cls)
             others_traj = np.einsum("nta,ntal->ntl", anchor_w, self.anchors[others])
-            mixture = np.where(roles[..., None] == 0, labelled, np.where(roles[..., None] == 1, bg, others_traj))
-            signal = (roles == 0).astype(np.float32)
+            mixture = np.where(roles[..., None] == ROLE_CLASS, labelled,
+                               np.where(roles[..., None] == ROLE_BACKGROUND, bg, others_traj))
+            signal = (roles == ROLE_CLASS).astype(np.float32)
         z = np.ones((n, t_len, LATENT_DIM + 1), dtype=np.float32)
         z[..., :LATENT_DIM] = (
             amplitude[:, None, None] * mixture
@@ -337,7 +345,7 @@ class SyntheticGenerator:
         rows = np.arange(n)
         labels[rows, cls] = 1
         labels[rows[multi], second[multi]] = 1
-        return labels, signal.astype(np.float32)
+        return labels, signal.astype(np.float32), roles.astype(np.int8)
 
     @staticmethod
     def _soft_roles(role_base: np.ndarray, role_steps: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -364,8 +372,8 @@ class SyntheticGenerator:
         frames = np.arange(t_len)[None, :]
         informative = (frames >= start[:, None]) & (frames < start[:, None] + n_sig)
         order = np.argsort(np.where(informative, np.inf, rng.random((n, t_len))), axis=1, kind="stable")
-        roles = np.where(informative, 0, 1)
-        np.put_along_axis(roles, order[:, :n_dis], 2, axis=1)
+        roles = np.where(informative, ROLE_CLASS, ROLE_BACKGROUND)
+        np.put_along_axis(roles, order[:, :n_dis], ROLE_DISTRACTOR, axis=1)
         others = (cls[:, None] + 1 + np.floor(rng.random((n, t_len)) * max(c - 1, 1)).astype(np.int64)) % c
         return roles, others
 
@@ -376,6 +384,7 @@ class SyntheticGenerator:
         feats = np.empty((n, t_len, f), np.float32)
         labels = np.empty((n, c), np.uint8)
         signal = np.empty((n, t_len), np.float32)
+        roles = np.empty((n, t_len), np.int8)
         n_chunk = self.chunk_videos
 
         def fill(chunk: int) -> None:
@@ -383,17 +392,19 @@ class SyntheticGenerator:
             lo, hi = max(start - first, 0), min(stop - first, n_chunk)
             rows = slice(first + lo - start, first + hi - start)
             if lo == 0 and hi == n_chunk:
-                labels[rows], signal[rows] = self._chunk(split, chunk, feats[rows])
+                labels[rows], signal[rows], roles[rows] = self._chunk(split, chunk, feats[rows])
                 return
             whole = np.empty((n_chunk, t_len, f), np.float32)
-            chunk_labels, chunk_signal = self._chunk(split, chunk, whole)
+            chunk_labels, chunk_signal, chunk_roles = self._chunk(split, chunk, whole)
             feats[rows] = whole[lo:hi]
             labels[rows] = chunk_labels[lo:hi]
             signal[rows] = chunk_signal[lo:hi]
+            roles[rows] = chunk_roles[lo:hi]
 
         chunks = range(start // n_chunk, -(-stop // n_chunk))
         list(pool.map(fill, chunks) if pool is not None else map(fill, chunks))
-        return Split(feats, labels, _video_ids(split, np.arange(start, stop)), signal)
+        exact = self.informative_share is not None
+        return Split(feats, labels, _video_ids(split, np.arange(start, stop)), signal, roles if exact else None)
 
     def generate(self, split: str, start: int = 0, stop: int | None = None) -> Split:
         """Videos ``start:stop`` of ``split`` (aliases resolved), the same however it is cut."""

@@ -6,6 +6,9 @@ the rest, which is also the retrieval database. A trial trains on ``train`` (the
 seen) and is scored by the published mAP@K protocol with the held-out videos as queries. The source's query
 and database splits are not copied. The copy is written once with the shared block writer (resumable, marked
 complete last) and found again on later sweeps by its fingerprint (source identity, fraction, seed).
+
+A training run holds out its own validation split instead (``--val-videos N``, :func:`validation_holdout`):
+no copy is written; the reader skips the held-out rows (``storage.reader.Holdout``) and rank 0 reads them once.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from storage.reader import Holdout
 from storage.store import FeatureStore, StoreError, check_apart, open_store
 from storage.writer import Block, SplitSource, store_info, write_store
 
 log = logging.getLogger(__name__)
+
+# Fixed, not train.seed: every seed of a sweep or an ablation trains on the same videos and selects on the same ones.
+VALIDATION_SEED = 2025
 
 
 def held_out_rows(num_videos: int, chunk_videos: int, fraction: float, seed: int) -> np.ndarray:
@@ -34,6 +41,22 @@ def held_out_rows(num_videos: int, chunk_videos: int, fraction: float, seed: int
     chunks = np.sort(np.random.default_rng(seed).choice(num_chunks, size=count, replace=False))
     rows = [np.arange(c * chunk_videos, min((c + 1) * chunk_videos, num_videos)) for c in chunks]
     return np.concatenate(rows).astype(np.int64)
+
+
+def validation_holdout(num_videos: int, chunk_videos: int, count: int, seed: int = VALIDATION_SEED) -> Holdout:
+    """The ``count`` videos of a train split of ``num_videos`` that ``--val-videos`` holds out of training: whole
+    chunks of the store in an order drawn with ``seed``, the last one cut to ``count`` (its first rows).
+
+    Whole chunks, not single rows: the training reads stay whole chunks (a held-out chunk is never read, at most
+    one chunk is read in two runs) and rank 0 reads the validation videos once in about ``count / chunk_videos``
+    chunk reads, where random rows would split up to ``count`` chunks of every epoch's reads. Chunks drawn from the
+    whole split, not its tail, since stored order may follow the classes. ``count`` 0: an empty holdout."""
+    if not 0 <= count < num_videos:
+        raise ValueError(f"--val-videos {count}: must be >= 0 and below the {num_videos} videos of the train split")
+    order = np.random.default_rng(seed).permutation(-(-num_videos // chunk_videos))
+    chosen = order[:-(-count // chunk_videos) + 1]  # one chunk more: the split's last chunk may be short
+    rows = (chosen[:, None] * chunk_videos + np.arange(chunk_videos)).ravel()
+    return Holdout(np.sort(rows[rows < num_videos][:count]).astype(np.int64), num_videos)
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int]]:

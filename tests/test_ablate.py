@@ -4,6 +4,7 @@ and a re-run after a kill that runs only the unfinished trials."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -168,7 +169,8 @@ def test_a_stopped_ablation_ends_its_parent_and_running_trial_killed(ray_session
 
 
 def test_the_rows_beyond_the_paper_run_through_the_job(ray_session, tiny_store_url, tmp_path):
-    rows = ["II-indep", "sampler-salience", "pool-salience", "centers-input", "focused"]
+    rows = ["II-indep", "sampler-salience", "sampler-hpm", "sampler-reducible", "pool-salience", "positives-nearest",
+            "centers-input", "focused"]
     env = {**os.environ, "RAY_ADDRESS": ray_session, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([*_job(tmp_path, tiny_store_url, "--rows", *rows, "--seeds", "1", "--epochs", "1"),
                            "--set", "salience.bank_videos=32"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -181,3 +183,4 @@ def test_the_rows_beyond_the_paper_run_through_the_job(ray_session, tiny_store_u
     assert by_row["focused"]["sampler"]["sampler/pooling_precision"] != pytest.approx(
         by_row["II-indep"]["sampler"]["sampler/pooling_precision"])  # salience pooling, not the mean
     assert "salience.bank_videos is set but does nothing" in proc.stderr  # rows without salience: named only
+    assert math.isfinite(by_row["sampler-reducible"]["sampler"]["sampler/selectivity"])  # Grade-Net's scores

@@ -9,6 +9,7 @@ Covered elsewhere and only referenced here: NaN/Inf and float16 overflow in inge
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pytest
+import torch
 import zarr
 
 import storage.synthetic as synthetic
@@ -54,6 +56,7 @@ from storage.store import (
     verify_shards,
 )
 from storage.synthetic_store import write_synthetic
+from storage.validation import validation_holdout
 from storage.writer import SourceError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,6 +192,20 @@ def test_an_unlabelled_train_split_is_refused_only_where_it_is_the_database(stor
     set_attrs(fcvid, sources={**info.sources, "labelled": {"train": False, "database": True},
                               "train_labelled": False})
     check_training_inputs(build_config("fcvid", overrides=SHAPE), open_store(str(fcvid)), 2)
+
+
+def test_held_out_videos_need_a_labelled_train_split_and_more_than_one_label(store_path: Path) -> None:
+    check_training_inputs(config(), open_store(str(store_path)), 2, val_videos=8)
+    held = validation_holdout(TRAIN_VIDEOS, 4, 8).rows
+    labels = zarr.open_array(str(store_path / "train" / "labels"), mode="r+")
+    labels[held] = np.eye(labels.shape[1], dtype=labels.dtype)[np.zeros(len(held), int)]
+    with pytest.raises(PreflightError, match="--val-videos 8: the held-out videos .* all have the same labels"):
+        check_training_inputs(config(), open_store(str(store_path)), 2, val_videos=8)
+    check_training_inputs(config(), open_store(str(store_path)), 2, val_videos=12)  # other chunks, other labels
+    info = open_store(str(store_path)).info
+    set_attrs(store_path, sources={**info.sources, "labelled": {"train": False, "query": True}})
+    with pytest.raises(PreflightError, match="--val-videos 8: the train split .* was stored without labels"):
+        check_training_inputs(config(), open_store(str(store_path)), 2, val_videos=8)
 
 
 # ----- config against the size of the train split ----------------------------------------------------------------
@@ -357,7 +374,13 @@ def test_the_job_refuses_bits_not_a_multiple_of_8(store_path: Path, tmp_path: Pa
     ("delete", [], ["split 'train'", "feats/c/2/0/0 (missing)"]),
     ("labels", [], ["videos of the query split have no label"]),
     (None, ["--mlflow-uri", "http://127.0.0.1:9"], ["MLflow tracking server http://127.0.0.1:9 is unreachable"]),
-], ids=["feature-size", "batch-size", "clusters", "missing-shard", "unlabelled-queries", "mlflow-unreachable"])
+    (None, ["--selection", "best-val-map5"], ["--selection best-val-map5", "add --val-videos N"]),
+    (None, ["--val-videos", "3"], ["--val-videos 3: hold out at least 6 videos"]),
+    (None, ["--val-videos", str(TRAIN_VIDEOS), "--selection", "best-val-map5"],
+     [f"--val-videos {TRAIN_VIDEOS}: the train split", f"has {TRAIN_VIDEOS} videos"]),
+    (None, ["--val-videos", "100"], ["train.batch_size=8", "has 4 videos once --val-videos holds out 100"]),
+], ids=["feature-size", "batch-size", "clusters", "missing-shard", "unlabelled-queries", "mlflow-unreachable",
+        "val-selection-without-val-videos", "val-videos-too-few", "val-videos-all", "val-videos-leave-no-batch"])
 def test_the_job_refuses_bad_input_before_ray(store_path: Path, tmp_path: Path, tamper: str | None,
                                               args: list[str], fragments: list[str]) -> None:
     if tamper == "delete":
@@ -576,6 +599,22 @@ def test_resuming_needs_the_recorded_mlflow_run_in_the_given_store(tmp_path: Pat
     with pytest.raises(PreflightError, match=r"does not hold; .* \(no such file\)"):
         check_resumed_run(other, run_id, "r", "runs/ray")
     assert not (tmp_path / "other.db").exists()
+
+
+def test_resuming_needs_the_same_held_out_videos(tmp_path: Path) -> None:
+    """A checkpoint that held out --val-videos 16 resumes with 16 only: with fewer, videos it trained on would be
+    validated on."""
+    from cluster.checkpoint import CHECKPOINT_FILE, CHECKPOINT_SNAPSHOT, check_resume_compatible
+
+    cfg = config()
+    folder = tmp_path / "ray" / "r" / "checkpoint_000000"
+    folder.mkdir(parents=True)
+    torch.save({"config": cfg.to_dict(), "mlflow_run_id": "f" * 32, "val_videos": 16}, folder / CHECKPOINT_FILE)
+    (folder.parent / CHECKPOINT_SNAPSHOT).write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": folder.name}}))
+    assert check_resume_compatible(str(tmp_path / "ray"), "r", cfg, 16) == "f" * 32
+    with pytest.raises(ValueError, match="holds out --val-videos 16 \\(now 0\\); resume it with --val-videos 16"):
+        check_resume_compatible(str(tmp_path / "ray"), "r", cfg, 0)
 
 
 def test_evaluation_results_appear_all_at_once_or_not_at_all(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from autossvh import metrics
 from autossvh.metrics import (
     gmap_l2,
     hamming_ranking,
+    leave_one_out_map,
     map_at_k,
     precision_recall_by_radius,
 )
@@ -370,3 +371,30 @@ def test_knn_agreement_is_one_for_codes_that_keep_the_input_neighbours_and_low_f
     assert knn_agreement(unrelated, features, k=10) < 0.2
     with pytest.raises(ValueError, match="need more than k"):
         knn_agreement(kept[:5], features[:5], k=10)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_leave_one_out_map_ranks_each_video_against_all_the_others(zeros: bool) -> None:
+    """Equal to mAP@5 of each video as the only query against the database of all the others (the protocol's
+    stable order), averaged; ties with the video itself (identical codes, 0 bits) included."""
+    rng = np.random.default_rng(3)
+    for n in (6, 7, 19, 40):
+        codes = np.where(rng.random((n, 8)) < 0.5, -1, 1).astype(np.int8)
+        codes[1:4] = codes[0]  # three later videos tie with video 0 at distance 0
+        if zeros:
+            codes[rng.random(codes.shape) < 0.15] = 0
+        labels = np.eye(4, dtype=bool)[rng.integers(0, 4, n)]
+        labels[::5, 3] = True  # some multi-label videos
+        one_query = [map_at_k(codes[i:i + 1], np.delete(codes, i, 0), labels[i:i + 1], np.delete(labels, i, 0),
+                              ks=(5,))[5] for i in range(n)]
+        assert leave_one_out_map(codes, labels, k=5) == pytest.approx(np.mean(one_query), abs=1e-12)
+
+
+def test_leave_one_out_map_is_one_for_codes_of_the_class_and_needs_more_videos_than_k() -> None:
+    classes = np.repeat(np.arange(3), 6)  # 6 videos per class: each has 5 others of its class
+    codes = np.where(np.random.default_rng(0).random((3, 16)) < 0.5, -1, 1)[classes]
+    labels = np.eye(3, dtype=bool)[classes]
+    assert leave_one_out_map(codes, labels, k=5) == 1.0
+    assert leave_one_out_map(codes, labels[np.arange(18) % 3 * 6], k=5) < 0.5  # labels unrelated to the codes
+    with pytest.raises(ValueError, match="need more than k = 5"):
+        leave_one_out_map(codes[:5], labels[:5], k=5)

@@ -104,6 +104,30 @@ def test_the_label_free_selection_picks_the_epoch_of_best_knn_agreement(ray_sess
     assert summary["selected_epoch"] == max(agreement, key=lambda step: (agreement[step], -step))
 
 
+def test_the_validation_selection_picks_the_epoch_of_best_val_map5_and_never_clusters_held_out_videos(
+        ray_session, tiny_store_url, tmp_path, capsys):
+    """``--val-videos 24``: the held-out videos' leave-one-out mAP@5 is logged at every evaluation and selects the
+    epoch; the clustering numbers only the other 136 videos (the reader's exclusion: ``test_reader.py``)."""
+    from cluster.train import run
+
+    argv = [*job_args(tmp_path, tiny_store_url, "val"), "--selection", "best-val-map5", "--val-videos", "24",
+            "--set", "train.eval_every=1"]
+    assert run("ucf101", parse(argv)) == 0
+    assert "val mAP@5" in capsys.readouterr().err  # the epoch lines
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = summary["mlflow_run_id"]
+    val_map5 = {m.step: m.value for m in client.get_metric_history(run_id, "map/val_map5")}
+    assert sorted(val_map5) == [1, 2, 3] and all(0 <= v <= 1 for v in val_map5.values())
+    assert summary["selected_epoch"] == max(val_map5, key=lambda step: (val_map5[step], -step))  # first best
+    params = client.get_run(run_id).data.params
+    assert params["selection"] == "best-val-map5" and params["val_videos"] == "24"
+    state = torch.load(Path(summary["checkpoint"]) / "checkpoint.pt", weights_only=True)
+    assert state["val_videos"] == 24 and state["best_epoch"] + 1 == summary["selected_epoch"]
+    assert state["best_map5"] == pytest.approx(val_map5[summary["selected_epoch"]], abs=1e-12)
+    assert {len(a) for a in state["clustering"]["im2cluster"]} == {160 - 24}
+
+
 def registered_checkpoints(run_dir: Path) -> set[str]:
     """Checkpoint folders Ray Train registered as complete (its snapshot file; absent before the first)."""
     snapshot = run_dir / "checkpoint_manager_snapshot.json"

@@ -25,6 +25,7 @@ from storage.reader import (
     videos_per_rank,
 )
 from storage.store import IncompleteStoreError, StoreInfo, create_store, mark_complete, open_store
+from storage.validation import validation_holdout
 
 FRAMES, DIM, CHUNK = 3, 4, 4
 TRAIN, DATABASE = 53, 10
@@ -161,6 +162,35 @@ def test_train_reader_on_disk_every_video_once(disk_store: str, drop_last: bool)
             if not drop_last:
                 check_cover(per_rank, TRAIN)
         assert not np.array_equal(orders[0], orders[world])
+
+
+@pytest.mark.parametrize("count", [1, 6, 13])
+def test_held_out_videos_are_never_read_by_any_rank(disk_store: str, count: int) -> None:
+    """``--val-videos``: every rank leaves the same rows out; the features a batch holds name their rows, so no
+    held-out video reaches a batch; the training videos are covered once per epoch (plus the pad) and numbered by
+    training index; each chunk with training videos is still read in one piece."""
+    holdout = validation_holdout(TRAIN, CHUNK, count)
+    assert len(holdout.rows) == count and holdout.num_training == TRAIN - count
+    np.testing.assert_array_equal(validation_holdout(TRAIN, CHUNK, count).rows, holdout.rows)  # on every rank
+    training_rows = np.setdiff1d(np.arange(TRAIN), holdout.rows)
+    for world, epoch in itertools.product(range(1, 4), range(2)):
+        per_rank = []
+        for rank in range(world):
+            reader = TrainReader(disk_store, batch_size=5, rank=rank, world_size=world, seed=3, shuffle_buffer=2,
+                                 holdout=holdout)
+            reader.set_epoch(epoch)
+            assert not np.isin(reader.partition().indices(), holdout.rows).any()
+            read = []
+            for feats, index in reader:
+                rows = feats[:, 0, 0].numpy().astype(np.int64)  # expected_feats: the row, exactly
+                np.testing.assert_array_equal(rows, training_rows[index.numpy()])
+                read.append(rows)
+            rows = np.concatenate(read)
+            assert not np.isin(rows, holdout.rows).any()
+            per_rank.append(holdout.training_index(rows))
+        check_cover(per_rank, TRAIN - count)
+        if world == 1:
+            assert len(reader.partition().segments) == len(np.unique(training_rows // CHUNK))
 
 
 def test_train_reader_is_deterministic_and_picklable(disk_store: str) -> None:

@@ -79,6 +79,14 @@ def test_a_bank_video_is_never_its_own_neighbour(scarce):
     assert torch.allclose(weights.sum(1), torch.ones(5)) and bool((weights >= 0).all())
 
 
+def test_the_bank_never_holds_videos_held_out_of_training():
+    held = np.arange(8, 20)  # chunks 2 to 4 of 4 videos
+    rows = bank_rows(40, 16, seed=3, chunk=4, exclude=held)
+    assert len(rows) == 16 and not np.isin(rows, held).any()
+    np.testing.assert_array_equal(bank_rows(40, 16, seed=3, chunk=4, exclude=np.zeros(0, np.int64)),
+                                  bank_rows(40, 16, seed=3, chunk=4))  # nothing held out: the same bank as before
+
+
 def test_fewer_training_videos_than_the_bank_repeat_them_and_a_model_keeps_its_bank(tmp_path, scarce):
     rows = bank_rows(10, 25, seed=3, chunk=4)
     assert len(rows) == 25 and set(rows) == set(range(10))
@@ -156,5 +164,6 @@ def test_each_new_switch_refuses_keys_that_do_nothing_under_it(overrides, key, c
 def test_the_focused_recipe_holds_what_it_documents():
     cfg = build_config("ucf101", "focused")
     assert (cfg.model.pooling, cfg.loss.centers, cfg.sampler.kind) == ("salience", "input", "independent")
-    assert cfg.cluster.warmup_epoch == 0
+    assert cfg.cluster.warmup_epoch == 0 and cfg.loss.b == 1.0 and cfg.loss.positives == "nearest"
+    assert (cfg.train.lr_step, cfg.train.lr_gamma) == (10, 0.5)
     assert build_config("ucf101", "focused", overrides=["salience.temperature=0.3"]).salience.temperature == 0.3
