@@ -1,14 +1,16 @@
-"""The global-batch loss: 1 and 2 gloo workers give the same loss and gradients on the same global batch."""
+"""The global-batch loss: 1 and 2 gloo workers give the same loss and gradients on the same global batch, with
+same-video positives and with nearest-neighbour positives (whose support set stays the same on every rank)."""
 
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from autossvh.losses import ClusterTargets, autossvh_loss
-from autossvh.model import TrainOutput
+from autossvh.model import NeighbourSupport, TrainOutput
 from cluster.distributed import gather_with_grad
 from tests.conftest import random_clustering, tiny_config
 
@@ -24,6 +26,15 @@ def _inputs() -> tuple[TrainOutput, torch.Tensor, ClusterTargets]:
     return out, torch.arange(BATCH) * 2, targets
 
 
+def _support(positives: str) -> NeighbourSupport | None:
+    """A support set of 12 other videos' codes, the same in every process (``loss.positives=nearest``)."""
+    if positives != "nearest":
+        return None
+    support = NeighbourSupport(12, NBITS)
+    support.push(torch.randn(12, NBITS, generator=torch.Generator().manual_seed(1)), torch.arange(100, 112))
+    return support
+
+
 def _rows(rank: int, world: int) -> torch.Tensor:
     """Rank ``rank``'s rows of a view-major (2B, ...) output: its videos in both views."""
     per = BATCH // world
@@ -37,14 +48,15 @@ def _rank_rows(out: TrainOutput, rank: int, world: int) -> TrainOutput:
                        out.target[rows], None, out.hidden[rows])
 
 
-def _worker(rank: int, world: int, port: int, queue: mp.Queue) -> None:
+def _worker(rank: int, world: int, port: int, positives: str, queue: mp.Queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = tiny_config("loss.b=0.5")
+    cfg = tiny_config("loss.b=0.5", f"loss.positives={positives}")
     out, index, targets = _inputs()
     local = _rank_rows(out, rank, world)
     per = BATCH // world
-    loss, parts = autossvh_loss(local, index[rank * per:(rank + 1) * per], cfg, targets, gather_with_grad)
+    support = _support(positives)
+    loss, parts = autossvh_loss(local, index[rank * per:(rank + 1) * per], cfg, targets, gather_with_grad, support)
     loss.backward()
     # Each rank's rows get W times their single-process gradient; DDP's mean over W ranks of the parameter
     # gradients that these rows produce restores the single-process gradient.
@@ -52,7 +64,8 @@ def _worker(rank: int, world: int, port: int, queue: mp.Queue) -> None:
     reduced = torch.stack([loss.detach(), parts["vc"].detach(), parts["p2set"].detach()])
     rec = parts["rec"].detach().clone()
     dist.all_reduce(rec)
-    queue.put((rank, reduced.tolist(), float(rec) / world, [g.tolist() for g in grads]))
+    queue.put((rank, reduced.tolist(), float(rec) / world, [g.tolist() for g in grads],
+               None if support is None else support.videos.tolist()))
     dist.destroy_process_group()
 
 
@@ -62,23 +75,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_one_and_two_workers_give_the_same_loss_and_gradient():
-    cfg = tiny_config("loss.b=0.5")
+@pytest.mark.parametrize("positives", ["views", "nearest"])
+def test_one_and_two_workers_give_the_same_loss_and_gradient(positives):
+    cfg = tiny_config("loss.b=0.5", f"loss.positives={positives}")
     out, index, targets = _inputs()
     single = _rank_rows(out, 0, 1)
-    loss, parts = autossvh_loss(single, index, cfg, targets)
+    support = _support(positives)
+    loss, parts = autossvh_loss(single, index, cfg, targets, None, support)
     loss.backward()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, positives, queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    for rank, (_, vc, p2set), rec, grads in results:
+    for rank, (_, vc, p2set), rec, grads, videos in results:
+        assert videos == (None if support is None else support.videos.tolist())  # every rank enqueued the same
         assert abs(vc - float(parts["vc"])) < 1e-5 and abs(p2set - float(parts["p2set"])) < 1e-5
         assert abs(rec - float(parts["rec"])) < 1e-5
         rows = _rows(rank, 2)
