@@ -37,7 +37,7 @@ sequences (view-major: rows 0..B-1 are view 1, rows B..2B-1 view 2):
   learns to rank frames by their reconstruction error (``sampler.target=loss``) or by that error minus the
   error of copying the view's nearest visible frame (``reducible``, after RHO-LOSS): a pairwise ranking loss on
   each view's hidden frames (:func:`autossvh.losses.ranking_loss`), its own term of the total loss. Both views
-  hide the same top ``hard_share`` x K frames by standardised score (the share rising from 0 over the epochs,
+  hide the same top ``hard_share`` x K frames by score (the share rising from 0 over the epochs,
   :meth:`AutoSSVH.start_epoch`) and K minus those drawn uniformly and independently per view.
 * ``sampler.kind = "random"``: the released complementary random masks (REFERENCE.md §2.2).
 * ``sampler.kind = "independent"`` / ``"salience"`` (not in the paper): two independent draws of K hidden
@@ -410,9 +410,12 @@ class AutoSSVH(nn.Module):
             raise ValueError(f"frame_logits: this model has no Grade-Net (sampler.kind={self.cfg.sampler.kind})")
         return self.encoder.grade_net(self.encoder.embed(x) + self.encoder.pos).float()
 
-    def sample_views(self, embedded: Tensor, scores: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def sample_views(self, embedded: Tensor, scores: Tensor | None,
+                     predicted: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Hidden masks (2B, T) for the two views of embedded frames (B, T, hidden), given the frames' salience
-        ``scores`` (:meth:`salience_scores`), and, for the adversarial sampler, the STE selection (2B, T)."""
+        ``scores`` (:meth:`salience_scores`), and, for the adversarial sampler, the STE selection (2B, T).
+        ``predicted``: Grade-Net's logits (B, T) under ``sampler.kind=predicted`` where the caller has them (the
+        training forward, which needs their gradient too); computed here otherwise."""
         b, t, _ = embedded.shape
         k = self.cfg.num_hidden
         s = self.cfg.sampler
@@ -423,9 +426,9 @@ class AutoSSVH(nn.Module):
         if s.kind == "salience":
             return independent_masks(standardize(scores), k, s.tau), None
         if s.kind == "predicted":
-            with torch.no_grad():
-                logits = self.encoder.grade_net(embedded.detach()).float()
-            return predicted_masks(logits, k, round(self.hard_share * k)), None
+            if predicted is None:
+                predicted = self.encoder.grade_net(embedded.detach()).float()
+            return predicted_masks(predicted.detach(), k, round(self.hard_share * k)), None
         logits = standardize(self.encoder.grade_net(embedded.detach()).float()).repeat(2, 1)  # fp32 under autocast
         hard, selection = gumbel_topk(logits, k, s.tau)
         if s.grl:
@@ -448,7 +451,9 @@ class AutoSSVH(nn.Module):
             source = F.dropout(x, self.cfg.data.data_drop_rate)
         embedded = self.encoder.embed(source) + self.encoder.pos
         scores = self.salience_scores(x)  # once per batch, for the sampler and the pooling
-        hidden, selection = self.sample_views(embedded, scores)
+        predicted = self.encoder.grade_net(embedded.detach()).float() if self.cfg.sampler.kind == "predicted" \
+            else None  # once per batch, for the masks and the ranking loss
+        hidden, selection = self.sample_views(embedded, scores, predicted)
         order = hidden.to(torch.uint8).argsort(dim=1, stable=True)  # visible frames first, each in time order
         visible_idx, hidden_idx = order[:, : t - k], order[:, t - k:]
         rows = torch.arange(2 * b, device=x.device)[:, None]
@@ -467,8 +472,8 @@ class AutoSSVH(nn.Module):
         h = self.frame_codes(tokens)
         target = x[video, hidden_idx]
         hidden_scores = reference_error = None
-        if self.cfg.sampler.kind == "predicted":
-            hidden_scores = self.encoder.grade_net(embedded.detach()).float()[video, hidden_idx]
+        if predicted is not None:
+            hidden_scores = predicted[video, hidden_idx]
             if self.cfg.sampler.target == "reducible":
                 reference_error = nearest_copy_errors(target, x[video, visible_idx])
         return TrainOutput(
